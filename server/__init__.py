@@ -1,0 +1,1 @@
+"""The tlscache demo HTTPS farm: backends, balancer, orchestrator."""

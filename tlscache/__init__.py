@@ -1,0 +1,3 @@
+"""tlscache: a shared TLS session cache for pyOpenSSL servers."""
+
+__version__ = "0.1.0"

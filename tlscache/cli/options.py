@@ -1,0 +1,86 @@
+"""Command-line parsing shared by the dc_* tools.
+
+The C tools take single-dash switches (``-listen``, ``-sessions``); users have
+scripts full of them, so we accept exactly those spellings. Unlike the C
+tools, every usage or start-up error exits with status 1 and an ``Error, ...``
+line on stderr (C sometimes exits 0 after a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from tlscache.distcache.address import Address, parse_address
+from tlscache.exceptions import AddressError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the C tools' conventions: ``-switch`` options, ``-h``/``-help``/``-?``/
+    ``--help``, no abbreviations, exit status 1 on errors."""
+
+    def __init__(self, prog: str, description: str) -> None:
+        super().__init__(
+            prog=prog,
+            description=description,
+            add_help=False,
+            allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        self.add_argument(
+            "-h", "-help", "-?", "--help", action="help", help="show this help and exit"
+        )
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"Error, {message}\n")
+
+
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a strict decimal integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not text.isascii():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a decimal number")
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({lo}..{hi})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def octal(text: str) -> int:
+    """An argparse type for ``-sockperms`` (e.g. ``0660``)."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
+    if not 0 <= value <= 0o7777:
+        raise argparse.ArgumentTypeError(f"mode {text} out of range")
+    return value
+
+
+def address(text: str) -> Address:
+    """An argparse type for distcache addresses."""
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def connect_address(text: str) -> Address:
+    """An argparse type for addresses that must be connectable (not ``IP:<port>``)."""
+    addr = address(text)
+    if not addr.connectable:
+        raise argparse.ArgumentTypeError(f"{text!r} is a listen-only address; give IP:host:port")
+    return addr
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Print ``Error, <message>`` and exit non-zero."""
+    print(f"Error, {message}", file=sys.stderr)
+    raise SystemExit(status)

@@ -1,0 +1,1 @@
+"""distcache: the wire protocol, cache, server, clients, proxy and snoop."""

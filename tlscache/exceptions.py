@@ -1,0 +1,65 @@
+"""Every exception tlscache raises, in one place.
+
+Callers catch ``TlsCacheError`` to handle anything of ours; the subclasses say
+which layer failed so that operators can tell a bad peer from a dead cache.
+"""
+
+from __future__ import annotations
+
+
+class TlsCacheError(Exception):
+    """Base class of every tlscache exception."""
+
+
+class AddressError(TlsCacheError, ValueError):
+    """A distcache address string (``IP:host:port``, ``UNIX:/path``, ...) is malformed."""
+
+
+class ProtocolError(TlsCacheError):
+    """The peer sent bytes that are not valid distcache protocol.
+
+    The connection that carried them must be closed; nothing else is affected.
+    ``reason`` is a short, log-friendly description.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ClientError(TlsCacheError):
+    """A distcache client call failed (connection refused, reset, bad reply)."""
+
+
+class ClientTimeout(ClientError, TimeoutError):
+    """A distcache client call did not complete before its deadline."""
+
+
+class ServerUnavailable(ClientError):
+    """dc_client answered that it has no connection to dc_server (empty reply),
+    or that the connection dropped with the request outstanding (result 0x02)."""
+
+
+class StoreError(TlsCacheError):
+    """A session store could not complete an operation."""
+
+
+class StoreTimeout(StoreError, TimeoutError):
+    """A session store did not answer before its deadline."""
+
+
+class SealError(StoreError):
+    """A value from the store failed authentication or could not be decoded."""
+
+
+class ResolverError(TlsCacheError):
+    """The OpenSSL functions tlscache needs could not be located and verified
+    for the OpenSSL instance that pyOpenSSL uses. ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigurationError(TlsCacheError, ValueError):
+    """An option or argument is out of range or inconsistent."""
