@@ -8,7 +8,7 @@ setup:
 	@scripts/bootstrap.sh
 
 demo: setup
-	$(PY) -m tlscache.cli.demo
+	$(VENV)/bin/tlscache-farm --report
 
 test: setup
 	$(VENV)/bin/ruff check tlscache server tests bench
