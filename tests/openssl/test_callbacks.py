@@ -1,0 +1,674 @@
+"""Real TLS handshakes through the session callbacks: pyOpenSSL server, Python ``ssl`` client.
+
+Most tests pump records between the two ends through memory BIOs (deterministic, no threads);
+one runs over a socket pair with a server thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from OpenSSL import SSL
+from OpenSSL._util import lib
+
+from tlscache.exceptions import ConfigurationError
+from tlscache.openssl.callbacks import _RateLimitedLog, install_callbacks, session_id
+from tlscache.openssl.resolver import resolve
+
+try:
+    resolve()
+except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
+    pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class DictHandler:
+    """An in-memory store that records every call."""
+
+    store: dict[bytes, bytes] = field(default_factory=dict)
+    new: list[tuple[bytes, bytes, int]] = field(default_factory=list)
+    gets: list[bytes] = field(default_factory=list)
+    removes: list[bytes] = field(default_factory=list)
+
+    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        self.new.append((session_id, der, timeout_s))
+        self.store[session_id] = der
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        self.gets.append(session_id)
+        return self.store.get(session_id)
+
+    def on_remove(self, session_id: bytes) -> None:
+        self.removes.append(session_id)
+        self.store.pop(session_id, None)
+
+
+class MissHandler(DictHandler):
+    """Stores nothing it is given back: every lookup misses."""
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        self.gets.append(session_id)
+        return None
+
+
+class RaisingHandler:
+    calls = 0
+
+    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        self.calls += 1
+        raise RuntimeError("store down")
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        self.calls += 1
+        raise RuntimeError("store down")
+
+    def on_remove(self, session_id: bytes) -> None:
+        self.calls += 1
+        raise RuntimeError("store down")
+
+
+class GarbageHandler(DictHandler):
+    def on_get(self, session_id: bytes) -> bytes | None:
+        self.gets.append(session_id)
+        return b"\x30\x03garbage" if session_id in self.store else None
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def leaf(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("localhost")
+
+
+def server_context(leaf: trustme.LeafCert) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_certificate(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    ctx.use_privatekey(key)
+    return ctx
+
+
+def client_context(ca: trustme.CA, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.minimum_version = version
+    ctx.maximum_version = version
+    return ctx
+
+
+@dataclass
+class Result:
+    server_reused: bool
+    client_reused: bool
+    session: ssl.SSLSession | None
+    server_session_id: bytes | None
+    version: str | None
+
+
+def handshake(
+    sctx: SSL.Context, cctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> Result:
+    """One connection through memory BIOs: handshake, one record each way, clean shutdown."""
+    cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = cctx.wrap_bio(cin, cout, server_hostname="localhost", session=session)
+    server = SSL.Connection(sctx, None)
+    server.set_accept_state()
+
+    def flush() -> None:
+        data = cout.read()
+        if data:
+            server.bio_write(data)
+        for _ in range(64):
+            try:
+                chunk = server.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            cin.write(chunk)
+
+    cdone = sdone = False
+    for _ in range(50):
+        if not cdone:
+            try:
+                client.do_handshake()
+                cdone = True
+            except ssl.SSLWantReadError:
+                pass
+        flush()
+        if not sdone:
+            try:
+                server.do_handshake()
+                sdone = True
+            except SSL.WantReadError:
+                pass
+        flush()
+        if cdone and sdone:
+            break
+    assert cdone and sdone, "handshake did not complete"
+    # Application data: the client reads past the TLS 1.3 NewSessionTickets.
+    server.send(b"ping")
+    flush()
+    assert client.read(4) == b"ping"
+    client.write(b"pong")
+    flush()
+    assert server.recv(4) == b"pong"
+    sid = session_id(server)
+    reused = bool(lib.SSL_session_reused(server._ssl))
+    server.shutdown()
+    flush()
+    with contextlib.suppress(ssl.SSLError):
+        client.unwrap()
+    return Result(reused, client.session_reused, client.session, sid, client.version())
+
+
+TLS12 = ssl.TLSVersion.TLSv1_2
+TLS13 = ssl.TLSVersion.TLSv1_3
+
+# --------------------------------------------------------------------------- TLS 1.2
+
+
+def test_tls12_new_then_resume_via_get(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS12)
+
+    first = handshake(sctx, cctx)
+    assert first.version == "TLSv1.2"
+    assert not first.server_reused
+    assert len(h.new) == 1
+    sid, der, timeout = h.new[0]
+    assert len(sid) == 32
+    assert der[:1] == b"\x30" and 80 < len(der) < 2048
+    assert timeout > 0
+    assert first.server_session_id == sid
+
+    second = handshake(sctx, cctx, first.session)
+    assert second.server_reused and second.client_reused
+    assert h.gets[-1] == sid
+    assert len(h.new) == 1  # a resumed TLS 1.2 session is not stored again
+    assert h.removes == []
+
+
+def test_tls12_internal_cache_is_off(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = MissHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    assert sctx.get_session_cache_mode() == 0x302
+    cctx = client_context(ca, TLS12)
+    first = handshake(sctx, cctx)
+    second = handshake(sctx, cctx, first.session)
+    assert h.gets == [h.new[0][0]]
+    assert not second.server_reused and not second.client_reused
+
+
+def test_wiped_store_means_no_resumption(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS12)
+    first = handshake(sctx, cctx)
+    h.store.clear()
+    assert not handshake(sctx, cctx, first.session).server_reused
+
+
+def test_session_shared_between_contexts(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    """Two servers (contexts) with one store: a session made on one resumes on the other."""
+    h = DictHandler()
+    a, b = server_context(leaf), server_context(leaf)
+    install_callbacks(a, h, session_id_context=b"farm")
+    install_callbacks(b, h, session_id_context=b"farm")
+    for version in (TLS12, TLS13):
+        cctx = client_context(ca, version)
+        first = handshake(a, cctx)
+        assert handshake(b, cctx, first.session).server_reused
+
+
+def test_different_session_id_context_does_not_resume(
+    ca: trustme.CA, leaf: trustme.LeafCert
+) -> None:
+    h = DictHandler()
+    a, b = server_context(leaf), server_context(leaf)
+    install_callbacks(a, h, session_id_context=b"service-a")
+    install_callbacks(b, h, session_id_context=b"service-b")
+    cctx = client_context(ca, TLS12)
+    first = handshake(a, cctx)
+    assert not handshake(b, cctx, first.session).server_reused
+
+
+# --------------------------------------------------------------------------- TLS 1.3
+
+
+def test_tls13_stateful_tickets(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS13)
+
+    first = handshake(sctx, cctx)
+    assert first.version == "TLSv1.3"
+    assert len(h.new) == 2  # two tickets by default
+    assert all(len(sid) == 32 for sid, _, _ in h.new)
+    assert first.session is not None
+
+    second = handshake(sctx, cctx, first.session)
+    assert second.server_reused and second.client_reused
+    assert h.gets and h.gets[-1] in h.store
+    assert len(h.new) == 3  # one new ticket per resumption
+
+
+def test_tls13_num_tickets(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h, num_tickets=1)
+    handshake(sctx, client_context(ca, TLS13))
+    assert len(h.new) == 1
+
+
+def test_tls13_stateless_tickets_bypass_store(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = MissHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h, stateful_tls13_tickets=False, disable_internal_cache=False)
+    cctx = client_context(ca, TLS13)
+    first = handshake(sctx, cctx)
+    assert handshake(sctx, cctx, first.session).server_reused
+    assert h.gets == []
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_raising_handler_never_breaks_handshakes(
+    ca: trustme.CA, leaf: trustme.LeafCert, version: ssl.TLSVersion, caplog: Any
+) -> None:
+    h = RaisingHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, version)
+    first = handshake(sctx, cctx)
+    second = handshake(sctx, cctx, first.session)
+    assert not second.server_reused
+    assert h.calls >= 2
+    # Nothing is left on OpenSSL's error queue to confuse the next call.
+    assert lib.ERR_peek_error() == 0
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_garbage_from_store_is_a_miss(
+    ca: trustme.CA, leaf: trustme.LeafCert, version: ssl.TLSVersion
+) -> None:
+    h = GarbageHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, version)
+    first = handshake(sctx, cctx)
+    second = handshake(sctx, cctx, first.session)
+    assert h.gets
+    assert not second.server_reused
+    assert lib.ERR_peek_error() == 0
+
+
+def test_session_under_another_id_is_refused(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    """A store answering with some other session's DER must not resume it."""
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS12)
+    first = handshake(sctx, cctx)
+    other = handshake(sctx, cctx)
+    sid1, sid2 = h.new[0][0], h.new[1][0]
+    h.store[sid1] = h.store[sid2]
+    assert not handshake(sctx, cctx, first.session).server_reused
+    assert other.server_session_id == sid2
+
+
+def test_bad_arguments(leaf: trustme.LeafCert) -> None:
+    sctx = server_context(leaf)
+    with pytest.raises(ConfigurationError):
+        install_callbacks(sctx, DictHandler(), session_id_context=b"x" * 33)
+    with pytest.raises(ConfigurationError):
+        install_callbacks(sctx, DictHandler(), session_id_context=b"")
+    with pytest.raises(ConfigurationError):
+        install_callbacks(sctx, DictHandler(), num_tickets=-1)
+    with pytest.raises(ConfigurationError):
+        install_callbacks(sctx, object())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- lifetime
+
+
+def test_callbacks_survive_gc(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    install_callbacks(sctx, h)  # replacing keeps both sets alive
+    cctx12, cctx13 = client_context(ca, TLS12), client_context(ca, TLS13)
+    session12 = handshake(sctx, cctx12).session
+    session13 = handshake(sctx, cctx13).session
+    gc.collect()
+    for _ in range(20):
+        assert handshake(sctx, cctx12, session12).server_reused
+        assert handshake(sctx, cctx13, session13).server_reused
+        gc.collect()
+
+
+def test_context_is_collected_and_callbacks_unregistered(
+    ca: trustme.CA, leaf: trustme.LeafCert
+) -> None:
+    """A handler that refers back to its Context does not keep it alive forever."""
+
+    class CyclicHandler(DictHandler):
+        ctx: SSL.Context | None = None
+
+    h = CyclicHandler()
+    sctx = server_context(leaf)
+    h.ctx = sctx
+    install_callbacks(sctx, h)
+    handshake(sctx, client_context(ca, TLS12))
+    ref = weakref.ref(sctx)
+    del sctx, h
+    gc.collect()
+    assert ref() is None
+
+
+def test_unclean_close_calls_remove(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    """Documented OpenSSL behaviour the cache layer must cope with."""
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(ca, TLS12).wrap_bio(cin, cout, server_hostname="localhost")
+    server = SSL.Connection(sctx, None)
+    server.set_accept_state()
+    for _ in range(20):
+        for step in (client.do_handshake, server.do_handshake):
+            with contextlib.suppress(ssl.SSLWantReadError, SSL.WantReadError):
+                step()
+            if data := cout.read():
+                server.bio_write(data)
+            with contextlib.suppress(SSL.WantReadError):
+                cin.write(server.bio_read(65536))
+    assert len(h.new) == 1
+    del server, step  # the bound method would keep the Connection alive
+    gc.collect()
+    assert h.removes == [h.new[0][0]]
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def serve(sctx: SSL.Context, sock: socket.socket, count: int) -> None:
+    """Accept ``count`` TLS connections on a connected socket pair end, one after another."""
+    for _ in range(count):
+        conn = SSL.Connection(sctx, sock)
+        conn.set_accept_state()
+        conn.do_handshake()
+        conn.sendall(b"x")
+        conn.recv(1)
+        conn.shutdown()
+        sock.recv(1)  # the client's "done" byte, outside TLS
+
+
+@pytest.mark.integration
+def test_socketpair_resumption(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS13)
+    count = 30
+    s_server, s_client = socket.socketpair()
+    s_client.settimeout(10)  # the server end stays blocking: pyOpenSSL wants that
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(sctx, s_server, count)
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    session = None
+    reused = 0
+    try:
+        for _ in range(count):
+            cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = cctx.wrap_bio(cin, cout, server_hostname="localhost", session=session)
+            _drive(tls, cin, cout, s_client)
+            reused += tls.session_reused
+            session = tls.session
+            s_client.sendall(b"d")
+    finally:
+        t.join(10)
+        s_server.close()
+        s_client.close()
+    assert not errors
+    assert reused == count - 1
+
+
+def _drive(tls: ssl.SSLObject, cin: ssl.MemoryBIO, cout: ssl.MemoryBIO, s: socket.socket) -> None:
+    """Client side over a socket through memory BIOs (stops exactly at close_notify)."""
+
+    def io(op: Any) -> Any:
+        for _ in range(100):
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                if data := cout.read():
+                    s.sendall(data)
+                cin.write(s.recv(65536))
+                continue
+            if data := cout.read():
+                s.sendall(data)
+            return result
+        raise AssertionError("no progress")
+
+    io(tls.do_handshake)
+    assert io(lambda: tls.read(1)) == b"x"
+    io(lambda: tls.write(b"y"))
+    with contextlib.suppress(ssl.SSLZeroReturnError):
+        io(tls.read)
+
+
+# --------------------------------------------------------------------------- switches
+
+
+def test_disabled_resolver_raises_cleanly() -> None:
+    code = (
+        "from OpenSSL import SSL\n"
+        "from tlscache.exceptions import ResolverError\n"
+        "from tlscache.openssl.callbacks import install_callbacks\n"
+        "class H:\n"
+        "    def on_new(self, s, d, t): pass\n"
+        "    def on_get(self, s): return None\n"
+        "    def on_remove(self, s): pass\n"
+        "try:\n"
+        "    install_callbacks(SSL.Context(SSL.TLS_SERVER_METHOD), H())\n"
+        "except ResolverError as e:\n"
+        "    print('refused:', e.reason)\n"
+        "    raise SystemExit(3)\n"
+    )
+    env = {**os.environ, "TLSCACHE_DISABLE_RESOLVER": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "disabled by TLSCACHE_DISABLE_RESOLVER" in proc.stdout
+
+
+def test_install_on_a_used_context_is_refused(leaf: trustme.LeafCert) -> None:
+    sctx = server_context(leaf)
+    SSL.Connection(sctx, None)
+    with pytest.raises(ConfigurationError, match="before"):
+        install_callbacks(sctx, DictHandler())
+
+
+def test_session_id_without_session(leaf: trustme.LeafCert) -> None:
+    assert session_id(SSL.Connection(server_context(leaf), None)) is None
+
+
+def test_default_session_id_context_is_shared_and_follows_verify_mode(
+    ca: trustme.CA, leaf: trustme.LeafCert
+) -> None:
+    h = DictHandler()
+    a, b, strict = server_context(leaf), server_context(leaf), server_context(leaf)
+    strict.set_verify(SSL.VERIFY_PEER, None)
+    for ctx in (a, b, strict):
+        install_callbacks(ctx, h)
+    cctx = client_context(ca, TLS12)
+    first = handshake(a, cctx)
+    assert handshake(b, cctx, first.session).server_reused
+    # Made without a client-certificate request: not resumable where one is requested.
+    assert not handshake(strict, cctx, first.session).server_reused
+
+
+def test_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = _RateLimitedLog(interval=60.0)
+    with caplog.at_level(logging.WARNING, logger="tlscache.openssl.callbacks"):
+        for _ in range(5):
+            limiter("get", "store down")
+        limiter("new", "store down")
+    assert [r.getMessage() for r in caplog.records] == ["store down", "store down"]
+    limiter._next["get"] = 0.0
+    with caplog.at_level(logging.WARNING, logger="tlscache.openssl.callbacks"):
+        limiter("get", "store down")
+    assert caplog.records[-1].getMessage() == "store down (4 similar suppressed)"
+
+
+@pytest.mark.integration
+def test_concurrent_handshakes_share_one_context(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    """cffi drops the GIL around OpenSSL calls: callbacks run on many threads at once."""
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    lock = threading.Lock()
+    reused: list[bool] = []
+    errors: list[BaseException] = []
+
+    def worker(version: ssl.TLSVersion) -> None:
+        try:
+            cctx = client_context(ca, version)
+            session = handshake(sctx, cctx).session
+            for _ in range(15):
+                r = handshake(sctx, cctx, session)
+                with lock:
+                    reused.append(r.server_reused)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(v,)) for v in (TLS12, TLS13) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(reused) == 90 and all(reused)
+
+
+_SNI_SCRIPT = """
+import gc, ssl, sys, weakref
+sys.path.insert(0, sys.argv[1])
+from OpenSSL import SSL
+from tests.openssl.test_callbacks import DictHandler, client_context, server_context, TLS12
+from tlscache.openssl.callbacks import install_callbacks
+import trustme
+
+ca = trustme.CA(); leaf = ca.issue_cert("localhost")
+h = DictHandler()
+a, b = server_context(leaf), server_context(leaf)
+a.set_tlsext_servername_callback(lambda conn: conn.set_context(b))
+install_callbacks(a, h)
+conn = SSL.Connection(a, None)
+conn.set_accept_state()
+cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+client = client_context(ca, TLS12).wrap_bio(cin, cout, server_hostname="localhost")
+
+
+def pump():
+    for step in (client.do_handshake, conn.do_handshake):
+        try:
+            step()
+        except (ssl.SSLWantReadError, SSL.WantReadError):
+            pass
+        if data := cout.read():
+            conn.bio_write(data)
+        try:
+            cin.write(conn.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+
+
+pump()  # ClientHello -> servername callback -> the Connection now uses b
+assert conn.get_context() is b
+ref = weakref.ref(a)
+del a  # only the SSL still holds the original SSL_CTX (as its session context)
+gc.collect()
+assert ref() is None, "Context still alive"
+for _ in range(20):
+    pump()
+del conn  # freed without shutdown: OpenSSL would call remove on the old SSL_CTX
+gc.collect()
+print("ok", len(h.new), len(h.removes))
+"""
+
+
+@pytest.mark.integration
+def test_context_dies_before_its_ssl_ctx() -> None:
+    """SNI switching: the original SSL_CTX outlives its Context; callbacks were unregistered."""
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-c", _SNI_SCRIPT, root],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ok", "0", "0"]
+
+
+class ExitingHandler:
+    """Raises what ``except Exception`` does not catch: cffi's ``onerror`` must."""
+
+    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        raise SystemExit(1)
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        raise KeyboardInterrupt
+
+    def on_remove(self, session_id: bytes) -> None:
+        raise SystemExit(1)
+
+
+def test_base_exceptions_do_not_escape(
+    ca: trustme.CA, leaf: trustme.LeafCert, caplog: pytest.LogCaptureFixture
+) -> None:
+    sctx = server_context(leaf)
+    install_callbacks(sctx, ExitingHandler())
+    cctx = client_context(ca, TLS12)
+    first = handshake(sctx, cctx)
+    assert not handshake(sctx, cctx, first.session).server_reused
+    assert lib.ERR_peek_error() == 0
