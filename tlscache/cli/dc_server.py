@@ -1,0 +1,200 @@
+"""dc_server: the distcache session cache server.
+
+Same switches as the C dc_server, plus a few of our own (``--read-timeout``,
+``--max-connections``, ``--max-bytes``, ``--allow-large``, ``--loop``). Unlike
+C, every start-up failure exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from tlscache.cli.daemon import add_process_options, after_listen
+from tlscache.cli.options import Parser, address, fail, int_range
+from tlscache.distcache.address import Address, listen
+from tlscache.distcache.cache import (
+    DEFAULT_SESSIONS,
+    MAX_SESSIONS,
+    MAX_SESSIONS_LARGE,
+    MIN_SESSIONS,
+    SessionCache,
+)
+from tlscache.distcache.server import (
+    DEFAULT_READ_TIMEOUT,
+    configure_logging,
+    log,
+    loop_factory,
+    raise_fd_limit,
+    run,
+)
+from tlscache.exceptions import TlsCacheError
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400 or value != value:
+        raise argparse.ArgumentTypeError(f"{text} out of range (0..86400 seconds)")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        "dc_server",
+        "Serve a distcache session cache on the given addresses "
+        "(IP:host:port, IP:port, UNIX:path, FD:n).",
+    )
+    parser.add_argument(
+        "-listen",
+        metavar="ADDR",
+        type=address,
+        action="append",
+        help="address to accept connections on (required; may be repeated)",
+    )
+    parser.add_argument(
+        "-sessions",
+        metavar="N",
+        type=int_range(1, MAX_SESSIONS_LARGE),
+        default=DEFAULT_SESSIONS,
+        help=f"cache capacity in sessions ({MIN_SESSIONS}..{MAX_SESSIONS}; "
+        f"default {DEFAULT_SESSIONS})",
+    )
+    parser.add_argument(
+        "-progress",
+        metavar="N",
+        type=int_range(0, 1_000_000),
+        default=0,
+        help="also print statistics each time the operation count crosses a multiple of N",
+    )
+    add_process_options(parser)
+    parser.add_argument(
+        "--allow-large",
+        action="store_true",
+        help=f"allow -sessions above {MAX_SESSIONS} (up to {MAX_SESSIONS_LARGE})",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        metavar="BYTES",
+        type=int_range(1, 1 << 48),
+        default=None,
+        help="also bound the cache by total id + data bytes (soonest-expiring evicted first)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_READ_TIMEOUT,
+        help="drop a peer that stalls inside a message (or stops reading) this long; "
+        f"0 disables (default {DEFAULT_READ_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int_range(1, 10_000_000),
+        default=None,
+        help="refuse connections beyond N at a time (default: no limit but file descriptors)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop implementation (auto: uvloop when installed)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print neither the start-up line nor the statistics line (warnings still)",
+    )
+    return parser
+
+
+def _listen_all(
+    addresses: Sequence[Address], owner: str | None, group: str | None, perms: int | None
+) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    try:
+        for addr in addresses:
+            try:
+                if addr.kind == "unix":
+                    sockets.append(listen(addr, owner=owner, group=group, perms=perms))
+                else:
+                    sockets.append(listen(addr))
+            except (OSError, KeyError, TlsCacheError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                fail(f"cannot listen on {addr}: {reason}")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _stop_before_loop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _early_signals(killable: bool) -> None:
+    """Signal dispositions from the moment the listener accepts, before the event loop runs.
+
+    Clients (and supervisors) see the socket as soon as it listens, so a stop
+    signal must already mean a clean exit and SIGUSR1/2 must already be ignored.
+    The event loop installs its own handlers for the same signals later.
+    """
+    stopping = [signal.SIGTERM, signal.SIGINT]
+    usr = [signal.SIGUSR1, signal.SIGUSR2]
+    for sig in stopping + usr if killable else stopping:
+        signal.signal(sig, _stop_before_loop)
+    if not killable:
+        for sig in usr:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.listen:
+        fail("must provide -listen")
+    top = MAX_SESSIONS_LARGE if args.allow_large else MAX_SESSIONS
+    if not MIN_SESSIONS <= args.sessions <= top:
+        hint = "" if args.allow_large else f" (use --allow-large for more than {MAX_SESSIONS})"
+        fail(f"-sessions {args.sessions} out of range ({MIN_SESSIONS}..{top}){hint}")
+    cache = SessionCache(args.sessions, args.max_bytes, allow_large=args.allow_large)
+    try:
+        factory = loop_factory(args.loop)
+    except ImportError:
+        fail("--loop uvloop needs uvloop (pip install 'tlscache[uvloop]')")
+    _early_signals(args.killable)
+    raise_fd_limit()
+    configure_logging()
+    sockets = _listen_all(args.listen, args.sockowner, args.sockgroup, args.sockperms)
+    if not args.quiet:
+        log.info(
+            "Info, dc_server listening on %s (capacity %d sessions, %s event loop)",
+            ", ".join(str(addr) for addr in args.listen),
+            args.sessions,
+            "asyncio" if factory is asyncio.new_event_loop else "uvloop",
+        )
+    after_listen(args.daemon, args.pidfile, args.user)
+    with contextlib.suppress(KeyboardInterrupt):
+        run(
+            sockets,
+            cache,
+            loop=args.loop,
+            killable=args.killable,
+            read_timeout=args.read_timeout or None,
+            max_connections=args.max_connections,
+            progress=args.progress,
+            stats=not args.quiet,
+        )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
