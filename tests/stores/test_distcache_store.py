@@ -1,0 +1,191 @@
+"""DistcacheStore: error mapping (fake client) and real dc_server / dc_client processes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from tests.procs import free_port, running, tool
+from tlscache.distcache.client import Client
+from tlscache.distcache.protocol import Result
+from tlscache.exceptions import (
+    ClientError,
+    ClientTimeout,
+    ConfigurationError,
+    ServerUnavailable,
+    StoreError,
+    StoreTimeout,
+)
+from tlscache.stores import DistcacheStore
+from tlscache.stores.distcache import MAX_TIMEOUT_MS
+
+
+class FakeClient:
+    """Records calls; replies from a script."""
+
+    def __init__(self, add_results: list[Result] | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.add_results = add_results or [Result.OK]
+        self.raise_exc: Exception | None = None
+        self.closed = False
+
+    def _maybe_raise(self) -> None:
+        if self.raise_exc is not None:
+            raise self.raise_exc
+
+    def add(self, sid: bytes, data: bytes, timeout_ms: int, *, deadline_ms: float) -> Result:
+        self.calls.append(("add", sid, data, timeout_ms, deadline_ms))
+        self._maybe_raise()
+        return self.add_results.pop(0) if len(self.add_results) > 1 else self.add_results[0]
+
+    def get(self, sid: bytes, *, deadline_ms: float) -> bytes | None:
+        self.calls.append(("get", sid, deadline_ms))
+        self._maybe_raise()
+        return None
+
+    def remove(self, sid: bytes, *, deadline_ms: float) -> bool:
+        self.calls.append(("remove", sid, deadline_ms))
+        self._maybe_raise()
+        return True
+
+    def have(self, sid: bytes, *, deadline_ms: float) -> bool:
+        self.calls.append(("have", sid, deadline_ms))
+        self._maybe_raise()
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make(fake: FakeClient, **kw: Any) -> DistcacheStore:
+    return DistcacheStore("UNIX:/nonexistent", client=cast(Client, fake), **kw)
+
+
+def test_ttl_and_deadline_conversion() -> None:
+    fake = FakeClient()
+    store = make(fake)
+    store.store(b"id", b"0value", 300.0001, 0.02)
+    store.store(b"id", b"0value", 30 * 86400, 0.02)  # clamped to dc_server's 7-day maximum
+    store.store(b"id", b"0value", -5, 0.02)
+    assert [c[3] for c in fake.calls] == [300001, MAX_TIMEOUT_MS, 0]
+    assert fake.calls[0][4] == pytest.approx(20.0)
+
+
+def test_add_matching_session_policies() -> None:
+    fake = FakeClient([Result.ADD_MATCHING_SESSION])
+    make(fake).store(b"id", b"v", 10, 0.1)  # keep: success
+    assert [c[0] for c in fake.calls] == ["add"]
+
+    fake = FakeClient([Result.ADD_MATCHING_SESSION, Result.OK])
+    make(fake, on_exists="replace").store(b"id", b"v", 10, 0.1)
+    assert [c[0] for c in fake.calls] == ["add", "remove", "add"]
+
+    fake = FakeClient([Result.ADD_TIMEOUT_RANGE])
+    with pytest.raises(StoreError, match="ADD_TIMEOUT_RANGE"):
+        make(fake).store(b"id", b"v", 10, 0.1)
+    with pytest.raises(ConfigurationError):
+        make(FakeClient(), on_exists=cast(Any, "overwrite"))
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ClientTimeout("slow"), StoreTimeout),
+        (ServerUnavailable("no server"), StoreError),
+        (ClientError("reset"), StoreError),
+        (ValueError("too big"), StoreError),
+    ],
+)
+def test_error_mapping(exc: Exception, expected: type[Exception]) -> None:
+    fake = FakeClient()
+    fake.raise_exc = exc
+    store = make(fake)
+    for call in (
+        lambda: store.store(b"id", b"v", 1, 0.01),
+        lambda: store.fetch(b"id", 0.01),
+        lambda: store.delete(b"id", 0.01),
+        lambda: store.contains(b"id", 0.01),
+    ):
+        with pytest.raises(expected):
+            call()
+    if expected is StoreError:
+        with pytest.raises(StoreError) as info:
+            store.fetch(b"id", 0.01)
+        assert not isinstance(info.value, StoreTimeout)
+
+
+def test_bad_ids_never_reach_the_server() -> None:
+    fake = FakeClient()
+    store = make(fake)
+    with pytest.raises(StoreError):
+        store.store(b"", b"v", 1, 0.01)
+    with pytest.raises(StoreError):
+        store.store(b"x" * 65, b"v", 1, 0.01)
+    assert store.fetch(b"x" * 65, 0.01) is None
+    store.delete(b"", 0.01)
+    assert fake.calls == []
+    store.close()
+    assert fake.closed
+    assert not store.supports_take
+
+
+@pytest.mark.integration
+def test_against_dc_server(dc_server: str) -> None:
+    with DistcacheStore(dc_server) as store:
+        sid, der = b"\x01" * 32, b"\x30" + b"s" * 134
+        assert store.fetch(sid, 1.0) is None
+        store.store(sid, der, 60, 1.0)
+        store.store(sid, der, 60, 1.0)  # ADD_MATCHING_SESSION: kept, no error
+        assert store.fetch(sid, 1.0) == der
+        assert store.contains(sid)
+        store.delete(sid, 1.0)
+        assert store.fetch(sid, 1.0) is None
+        store.store(b"short", der, 0.001, 1.0)
+        time.sleep(0.01)
+        assert store.fetch(b"short", 1.0) is None
+
+
+@pytest.mark.integration
+def test_replace_policy_against_dc_server(dc_server_tcp: str) -> None:
+    with DistcacheStore(dc_server_tcp, on_exists="replace") as store:
+        store.store(b"k", b"old-value", 60, 1.0)
+        store.store(b"k", b"new-value", 60, 1.0)
+        assert store.fetch(b"k", 1.0) == b"new-value"
+
+
+@pytest.mark.integration
+def test_through_dc_client_and_server_down(dc_server_tcp: str, tmp_path: Path) -> None:
+    proxy = f"UNIX:{tmp_path / 'dc_client.sock'}"
+    argv = tool("dc_client", "-listen", proxy, "-server", dc_server_tcp, "-retry", "100")
+    with running(argv, ready=proxy), DistcacheStore(proxy) as store:
+        deadline = time.monotonic() + 5
+        while True:  # dc_client connects to the server on its first loop pass
+            try:
+                store.store(b"via-proxy", b"0value", 60, 1.0)
+                break
+            except StoreError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert store.fetch(b"via-proxy", 1.0) == b"0value"
+    # dc_client with no server answers at once with "no server": a StoreError, quickly.
+    dead = f"IP:127.0.0.1:{free_port()}"
+    argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
+    with running(argv, ready=proxy), DistcacheStore(proxy) as store:
+        start = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(StoreError) as info:
+                store.fetch(b"x", 0.5)
+            assert not isinstance(info.value, StoreTimeout)
+        assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.integration
+def test_nothing_listening_is_a_store_error(tmp_path: Path) -> None:
+    with DistcacheStore(f"UNIX:{tmp_path / 'none.sock'}") as store:
+        with pytest.raises(StoreError):
+            store.fetch(b"x", 0.05)
+        with pytest.raises(StoreError):
+            store.store(b"x", b"v", 1, 0.05)

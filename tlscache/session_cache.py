@@ -1,0 +1,562 @@
+"""A shared TLS session cache for pyOpenSSL servers.
+
+:class:`SessionCache` receives OpenSSL's new/get/remove session callbacks (via
+:func:`tlscache.openssl.callbacks.install_callbacks`) and turns them into calls
+on a :class:`~tlscache.stores.SessionStore`, so that every server of a farm can
+resume a session that another one negotiated.
+
+The cache sits on the handshake path, so it is built to never make a handshake
+fail and to cost little when the store misbehaves:
+
+* every store call has a deadline, and a store error or timeout is a miss;
+* a circuit breaker stops calling a store that keeps failing, so a dead cache
+  costs one timeout per cool-down period rather than one per handshake;
+* new sessions are written by a bounded background writer, so the handshake
+  thread never waits for the store on ``new``;
+* ``remove`` is ignored by default (see :data:`RemovePolicy`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from tlscache.exceptions import ConfigurationError, StoreError, StoreTimeout
+from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+__all__ = [
+    "LATENCY_BUCKETS_MS",
+    "BreakerState",
+    "CacheStats",
+    "CircuitBreaker",
+    "RemovePolicy",
+    "SessionCache",
+]
+
+log = logging.getLogger("tlscache.session_cache")
+
+#: What OpenSSL's remove callback does to the shared store.
+#:
+#: ``"ignore"`` (default): nothing. OpenSSL also calls remove for connections that
+#: were freed without a clean TLS shutdown and for sessions it considers expired;
+#: deleting those from a shared store throws away sessions that other servers
+#: could still resume. The store's own TTL expires entries anyway.
+#: ``"delete"``: propagate the removal to the store (through the writer queue).
+RemovePolicy = Literal["ignore", "delete"]
+
+#: Upper bounds (ms) of the lookup latency histogram; a last bucket catches the rest.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+
+_DER_SEQUENCE = 0x30
+#: A call that returns this many times its deadline late counts as a timeout (scheduling
+#: jitter past the deadline does not; a store that ignores deadlines does).
+_LATE_FACTOR = 2.0
+_COUNTERS = (
+    "stores",
+    "store_errors",
+    "store_timeouts",
+    "writes_skipped",
+    "writes_dropped",
+    "hits",
+    "pending_hits",
+    "misses",
+    "bad_values",
+    "errors",
+    "timeouts",
+    "skipped",
+    "removes",
+    "removes_ignored",
+    "remove_errors",
+)
+
+
+class BreakerState(enum.Enum):
+    """Circuit breaker states."""
+
+    CLOSED = "closed"  # calls go to the store
+    OPEN = "open"  # calls are skipped until the cool-down ends
+    HALF_OPEN = "half_open"  # one probe call is in flight; the others are skipped
+
+
+class CircuitBreaker:
+    """Consecutive-failure circuit breaker with a single half-open probe.
+
+    After ``threshold`` consecutive failures it opens; ``reset_s`` later the next
+    caller becomes the probe: its success closes the breaker, its failure opens
+    it for another ``reset_s``. While open, :meth:`allow` is a lock and a clock
+    read, so skipping costs microseconds.
+    """
+
+    def __init__(
+        self, threshold: int, reset_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if threshold < 1:
+            raise ConfigurationError("breaker_threshold must be at least 1")
+        if reset_s <= 0:
+            raise ConfigurationError("breaker_reset_s must be positive")
+        self.threshold = threshold
+        self.reset_s = reset_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probe_at = 0.0
+        self.opens = 0
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    def allow(self) -> bool:
+        """Whether the caller may use the store now."""
+        if self._state is BreakerState.CLOSED:
+            return True
+        with self._lock:
+            return self._allow_locked()
+
+    def _allow_locked(self) -> bool:
+        now = self._clock()
+        if self._state is BreakerState.CLOSED:
+            return True
+        if self._state is BreakerState.OPEN:
+            if now - self._opened_at < self.reset_s:
+                return False
+        elif now - self._probe_at < self.reset_s:
+            return False  # a probe is in flight (one that never reported is replaced)
+        self._state = BreakerState.HALF_OPEN
+        self._probe_at = now
+        return True
+
+    def success(self) -> None:
+        if self._state is BreakerState.CLOSED and self._failures == 0:
+            return
+        with self._lock:
+            if self._state is not BreakerState.CLOSED:
+                log.info("session store recovered; circuit breaker closed")
+            self._state = BreakerState.CLOSED
+            self._failures = 0
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state is BreakerState.HALF_OPEN or (
+                self._state is BreakerState.CLOSED and self._failures >= self.threshold
+            ):
+                if self._state is BreakerState.CLOSED:
+                    self.opens += 1
+                    log.warning(
+                        "session store failing; circuit breaker open for %.1f s", self.reset_s
+                    )
+                self._state = BreakerState.OPEN
+                self._opened_at = self._clock()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of the cache's counters (see ``docs/session-cache.md``)."""
+
+    stores: int  #: sessions written to the store
+    store_errors: int  #: writes that failed (timeouts included)
+    store_timeouts: int  #: writes that timed out
+    writes_skipped: int  #: writes not attempted: breaker open
+    writes_dropped: int  #: writes not attempted: writer queue full or cache closed
+    pending_writes: int  #: writes queued, not yet done
+    hits: int  #: lookups answered with a session
+    pending_hits: int  #: of those, answered from a write still queued in this process
+    misses: int  #: lookups the store answered with "absent"
+    bad_values: int  #: values from the store rejected as implausible (counted as misses too)
+    errors: int  #: lookups that failed (not timeouts)
+    timeouts: int  #: lookups that exceeded their deadline
+    skipped: int  #: lookups not attempted: breaker open
+    removes: int  #: removals sent to the store
+    removes_ignored: int  #: removals dropped by the ``"ignore"`` policy
+    remove_errors: int  #: removals that failed
+    breaker_state: str  #: ``closed``, ``open`` or ``half_open``
+    breaker_opens: int  #: times the breaker opened
+    latency_buckets_ms: tuple[float, ...]  #: histogram upper bounds; last bucket is +inf
+    latency_counts: tuple[int, ...]  #: lookups per bucket (len(buckets) + 1 entries)
+    latency_p50_ms: float  #: median lookup latency, interpolated from the histogram
+    latency_p99_ms: float  #: 99th percentile, interpolated from the histogram
+    latency_max_ms: float  #: slowest lookup seen
+
+    @property
+    def lookups(self) -> int:
+        """Every get callback: hits + misses + errors + timeouts + skipped."""
+        return self.hits + self.misses + self.errors + self.timeouts + self.skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quantile(counts: list[int], q: float, max_ms: float) -> float:
+    total = sum(counts)
+    if total == 0:
+        return 0.0
+    target = q * total
+    seen = 0
+    lower = 0.0
+    for i, count in enumerate(counts):
+        upper = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else max(max_ms, lower)
+        if count and seen + count >= target:
+            return min(lower + (upper - lower) * (target - seen) / count, max(max_ms, 0.0))
+        seen += count
+        lower = upper
+    return max_ms
+
+
+def _as_bytes(value: object) -> bytes | None:
+    """A store's answer as bytes; a wrong type becomes b"" (rejected as implausible)."""
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return b""
+
+
+_Write = tuple[bytes, bytes, float] | tuple[bytes, None, float]  # (id, value or None=delete, ttl)
+
+
+class SessionCache:
+    """OpenSSL session callbacks backed by a shared :class:`SessionStore`.
+
+    ``timeout`` (s) is the session lifetime: set on the Context by :meth:`install`
+    and the upper bound of a stored entry's TTL. ``deadline_ms`` bounds each
+    lookup (``write_deadline_ms``, default the same, each write). The breaker
+    opens after ``breaker_threshold`` consecutive failures and probes again
+    ``breaker_reset_s`` later. With ``async_writes`` (default) new sessions go
+    through a queue of ``write_queue_size`` to one writer thread.
+
+    One SessionCache may serve several Contexts. It never raises into OpenSSL:
+    every failure becomes a miss (lookup) or a dropped write, and is counted.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        timeout: int = 300,
+        *,
+        deadline_ms: float = 20.0,
+        write_deadline_ms: float | None = None,
+        breaker_threshold: int = 5,
+        breaker_reset_s: float = 5.0,
+        remove_policy: RemovePolicy = "ignore",
+        session_id_context: bytes | None = None,
+        async_writes: bool = True,
+        write_queue_size: int = 1024,
+        stateful_tls13_tickets: bool = True,
+        num_tickets: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if timeout < 1:
+            raise ConfigurationError("timeout must be at least 1 second")
+        if deadline_ms <= 0 or (write_deadline_ms is not None and write_deadline_ms <= 0):
+            raise ConfigurationError("deadlines must be positive")
+        if remove_policy not in ("ignore", "delete"):
+            raise ConfigurationError("remove_policy must be 'ignore' or 'delete'")
+        if write_queue_size < 1:
+            raise ConfigurationError("write_queue_size must be at least 1")
+        self.store = store
+        self.timeout = int(timeout)
+        self.deadline_s = deadline_ms / 1000.0
+        self.write_deadline_s = (
+            self.deadline_s if write_deadline_ms is None else write_deadline_ms / 1000.0
+        )
+        self.remove_policy: RemovePolicy = remove_policy
+        self.session_id_context = session_id_context
+        self.async_writes = async_writes
+        self.write_queue_size = write_queue_size
+        self.stateful_tls13_tickets = stateful_tls13_tickets
+        self.num_tickets = num_tickets
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock=clock)
+
+        self._lock = threading.Lock()
+        self._c: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._max_ms = 0.0
+        self._closed = False
+        # Writer state; (re)created lazily, and again in a forked child.
+        self._pid = -1
+        self._queue: queue.Queue[_Write | None] = queue.Queue(write_queue_size)
+        self._pending: dict[bytes, bytes] = {}
+        self._inflight = 0
+        self._idle = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    # ------------------------------------------------------------ setup
+
+    def install(self, ctx: SSL.Context) -> None:
+        """Route ``ctx``'s session cache through this object and set its session timeout.
+
+        Raises :class:`~tlscache.exceptions.ResolverError` if the OpenSSL
+        functions needed cannot be found for the OpenSSL pyOpenSSL uses.
+        """
+        from tlscache.openssl.callbacks import install_callbacks
+
+        install_callbacks(
+            ctx,
+            self,
+            session_id_context=self.session_id_context,
+            disable_internal_cache=True,
+            stateful_tls13_tickets=self.stateful_tls13_tickets,
+            num_tickets=self.num_tickets,
+        )
+        ctx.set_timeout(self.timeout)
+
+    # ------------------------------------------------------------ OpenSSL callbacks
+
+    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        """OpenSSL negotiated a session: store it (in the background by default)."""
+        try:
+            if not 0 < len(session_id) <= MAX_ID_LEN or not 0 < len(der) <= MAX_VALUE_LEN:
+                self._count("writes_dropped")
+                return
+            ttl = float(min(timeout_s, self.timeout) if timeout_s > 0 else self.timeout)
+            if self.async_writes:
+                self._enqueue((bytes(session_id), bytes(der), ttl))
+            else:
+                self._write(bytes(session_id), bytes(der), ttl)
+        except Exception:  # pragma: no cover - defensive: nothing may reach OpenSSL
+            log.exception("unexpected error in the new-session callback")
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        """A client offers ``session_id``: its DER from the store, or None for a full handshake."""
+        try:
+            return self._lookup(bytes(session_id))
+        except Exception:  # pragma: no cover - defensive
+            log.exception("unexpected error in the get-session callback")
+            return None
+
+    def on_remove(self, session_id: bytes) -> None:
+        """OpenSSL drops a session: apply :data:`RemovePolicy`."""
+        try:
+            if self.remove_policy == "ignore":
+                self._count("removes_ignored")
+                return
+            key = bytes(session_id)
+            if self.async_writes:
+                self._enqueue((key, None, 0.0))
+            else:
+                self._write(key, None, 0.0)
+        except Exception:  # pragma: no cover - defensive
+            log.exception("unexpected error in the remove-session callback")
+
+    # ------------------------------------------------------------ lookups
+
+    def _lookup(self, session_id: bytes) -> bytes | None:
+        pending = self._pending.get(session_id)
+        if pending is not None:
+            self._count("hits", "pending_hits")
+            return pending
+        if not self.breaker.allow():
+            self._count("skipped")
+            return None
+        start = time.perf_counter()
+        try:
+            value = self.store.fetch(session_id, self.deadline_s)
+        except StoreTimeout:
+            self._observe(start)
+            self.breaker.failure()
+            self._count("timeouts")
+            return None
+        except StoreError as exc:
+            self._observe(start)
+            self.breaker.failure()
+            self._count("errors")
+            log.debug("session lookup failed: %s", type(exc).__name__)
+            return None
+        except Exception:
+            self._observe(start)
+            self.breaker.failure()
+            self._count("errors")
+            log.warning("session store raised an unexpected error on fetch", exc_info=True)
+            return None
+        elapsed = self._observe(start)
+        value = _as_bytes(value)
+        if elapsed > self.deadline_s * _LATE_FACTOR:
+            # The store ignored its deadline: use the answer, but treat it as a timeout
+            # so that a store that blocks keeps the breaker informed.
+            self.breaker.failure()
+            self._count("timeouts")
+            return value if value is not None and self._plausible(value) else None
+        self.breaker.success()
+        if value is None:
+            self._count("misses")
+            return None
+        if not self._plausible(value):
+            self._count("misses", "bad_values")
+            return None
+        self._count("hits")
+        return value
+
+    @staticmethod
+    def _plausible(value: object) -> bool:
+        """Cheap check before OpenSSL parses it: DER SEQUENCE of sane size. d2i decides."""
+        return (
+            isinstance(value, bytes)
+            and 2 <= len(value) <= MAX_VALUE_LEN
+            and value[0] == _DER_SEQUENCE
+        )
+
+    def _observe(self, start: float) -> float:
+        elapsed = time.perf_counter() - start
+        ms = elapsed * 1000.0
+        index = bisect.bisect_left(LATENCY_BUCKETS_MS, ms)
+        with self._lock:
+            self._hist[index] += 1
+            if ms > self._max_ms:
+                self._max_ms = ms
+        return elapsed
+
+    # ------------------------------------------------------------ writes
+
+    def _write(self, session_id: bytes, value: bytes | None, ttl: float) -> None:
+        """One store/delete call with the breaker and the deadline. Never raises."""
+        deleting = value is None
+        if not self.breaker.allow():
+            self._count("remove_errors" if deleting else "writes_skipped")
+            return
+        start = time.perf_counter()
+        try:
+            if value is None:
+                self.store.delete(session_id, self.write_deadline_s)
+            else:
+                self.store.store(session_id, value, ttl, self.write_deadline_s)
+        except StoreTimeout:
+            self.breaker.failure()
+            self._count("remove_errors" if deleting else "store_errors", "store_timeouts")
+            return
+        except Exception as exc:
+            self.breaker.failure()
+            self._count("remove_errors" if deleting else "store_errors")
+            if isinstance(exc, StoreError):
+                log.debug("session store write failed: %s", type(exc).__name__)
+            else:
+                log.warning("session store raised an unexpected error", exc_info=True)
+            return
+        if time.perf_counter() - start > self.write_deadline_s * _LATE_FACTOR:
+            self.breaker.failure()
+            self._count("removes" if deleting else "stores", "store_timeouts")
+            return
+        self.breaker.success()
+        self._count("removes" if deleting else "stores")
+
+    def _enqueue(self, item: _Write) -> None:
+        if self._closed:
+            self._count("writes_dropped")
+            return
+        if self._pid != os.getpid():
+            self._start_writer()
+        session_id, value, _ = item
+        with self._lock:
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self._c["writes_dropped"] += 1
+                return
+            self._inflight += 1
+            if value is None:
+                self._pending.pop(session_id, None)
+            else:
+                self._pending[session_id] = value
+
+    def _start_writer(self) -> None:
+        """Start the writer thread (again, in a forked child: threads do not survive fork)."""
+        if self._pid != -1 and self._pid != os.getpid():
+            # Forked child: the parent's locks may have been held at fork time; replace them.
+            self._lock = threading.Lock()
+            self._idle = threading.Condition(self._lock)
+            self._start_lock = threading.Lock()
+            self._queue = queue.Queue(self.write_queue_size)
+            self._pending = {}
+            self._inflight = 0
+            self._pid = -1
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self._writer = threading.Thread(
+                target=self._run_writer, name="tlscache-session-writer", daemon=True
+            )
+            self._writer.start()
+            self._pid = os.getpid()
+
+    def _run_writer(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            session_id, value, ttl = item
+            try:
+                self._write(session_id, value, ttl)
+            finally:
+                with self._lock:
+                    if value is not None and self._pending.get(session_id) is value:
+                        del self._pending[session_id]
+                    self._inflight -= 1
+                    if self._inflight == 0:
+                        self._idle.notify_all()
+
+    def flush(self, timeout_s: float = 1.0) -> bool:
+        """Wait until every queued write is done; False if ``timeout_s`` passed first."""
+        if self._pid != os.getpid():
+            return True
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout_s)
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Finish queued writes (up to ``timeout_s``) and stop the writer. The store stays open."""
+        self._closed = True
+        writer = self._writer
+        if writer is None or self._pid != os.getpid():
+            return
+        self.flush(timeout_s)
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        writer.join(timeout_s)
+
+    # ------------------------------------------------------------ counters
+
+    def _count(self, *names: str) -> None:
+        with self._lock:
+            for name in names:
+                self._c[name] += 1
+
+    def stats(self) -> CacheStats:
+        """A consistent snapshot of the counters; cheap enough to poll every second."""
+        with self._lock:
+            c = dict(self._c)
+            hist = list(self._hist)
+            max_ms = self._max_ms
+            pending = self._inflight
+        return CacheStats(
+            **c,
+            pending_writes=pending,
+            breaker_state=self.breaker.state.value,
+            breaker_opens=self.breaker.opens,
+            latency_buckets_ms=LATENCY_BUCKETS_MS,
+            latency_counts=tuple(hist),
+            latency_p50_ms=_quantile(hist, 0.50, max_ms),
+            latency_p99_ms=_quantile(hist, 0.99, max_ms),
+            latency_max_ms=max_ms,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<SessionCache store={type(self.store).__name__} timeout={self.timeout}s "
+            f"breaker={self.breaker.state.value}>"
+        )
