@@ -1,0 +1,228 @@
+"""The blocking Client against a real dc_server and against scripted peers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distcache.fakepeer import fake_peer, reply, silent_peer
+from tests.procs import free_port, running, tool
+from tlscache.distcache.client import Client
+from tlscache.distcache.protocol import MAX_PAYLOAD, Message, Operation, Result
+from tlscache.exceptions import AddressError, ClientError, ClientTimeout, ServerUnavailable
+
+SID = b"session-id-0001"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-op"])
+def test_every_operation(dc_server: str, persistent: bool) -> None:
+    with Client(dc_server, persistent=persistent) as client:
+        assert client.get(SID) is None
+        assert client.have(SID) is False
+        assert client.remove(SID) is False
+        assert client.add(SID, b"D" * 1500, 60_000) is Result.OK
+        assert client.add(SID, b"E" * 1500, 60_000) is Result.ADD_MATCHING_SESSION
+        assert client.have(SID) is True
+        assert client.get(SID) == b"D" * 1500
+        assert client.remove(SID) is True
+        assert client.get(SID) is None
+        assert client.have(SID) is False
+
+
+@pytest.mark.integration
+def test_biggest_session_round_trips(dc_server_tcp: str) -> None:
+    sid = b"x" * 64
+    data = os.urandom(MAX_PAYLOAD - 8 - len(sid))  # 16 frames each way
+    with Client(dc_server_tcp) as client:
+        assert client.add(sid, data, 10_000) is Result.OK
+        assert client.get(sid) == data
+        with pytest.raises(ValueError):
+            client.add(b"y" * 64, data + b"!", 10_000)  # one byte too many: never sent
+
+
+def test_add_arguments_checked_before_sending() -> None:
+    with silent_peer() as address, Client(address, deadline_ms=50) as client:
+        for sid, data, timeout in [
+            (b"", b"data", 1000),
+            (b"i" * 65, b"data", 1000),
+            (SID, b"", 1000),
+            (SID, b"data", 604_800_001),
+            (SID, b"data", -1),
+        ]:
+            with pytest.raises(ValueError):
+                client.add(sid, data, timeout)
+
+
+def test_listen_only_address_refused() -> None:
+    with pytest.raises(AddressError):
+        Client("IP:9999")
+
+
+def test_deadline_against_a_server_that_never_answers() -> None:
+    with silent_peer() as address, Client(address, deadline_ms=200) as client:
+        started = time.monotonic()
+        with pytest.raises(ClientTimeout):
+            client.get(SID)
+        assert 0.15 < time.monotonic() - started < 1.5
+        started = time.monotonic()
+        with pytest.raises(ClientTimeout):
+            client.have(SID, deadline_ms=50)
+        assert time.monotonic() - started < 1.0
+
+
+def test_connection_refused_is_a_client_error() -> None:
+    with Client(f"IP:127.0.0.1:{free_port()}") as client, pytest.raises(ClientError):
+        client.get(SID)
+    with Client("UNIX:/nonexistent/dc.sock") as client, pytest.raises(ClientError):
+        client.get(SID)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x02"], ids=["empty", "disconnected"])
+def test_proxy_without_server_is_server_unavailable(payload: bytes) -> None:
+    with fake_peer(lambda m: reply(m, payload)) as address, Client(address) as client:
+        with pytest.raises(ServerUnavailable):
+            client.get(SID)
+        with pytest.raises(ServerUnavailable):
+            client.have(SID)
+        with pytest.raises(ServerUnavailable):
+            client.add(SID, b"data", 1000)
+        with pytest.raises(ServerUnavailable):
+            client.remove(SID)
+
+
+def test_short_get_reply_is_a_miss() -> None:
+    with fake_peer(lambda m: reply(m, b"\x00abc")) as address, Client(address) as client:
+        assert client.get(SID) is None
+
+
+def _wrong_uid(m: Message) -> bytes:
+    return reply(Message(True, (m.uid + 1) & 0xFFFFFFFF, m.operation, b""), b"\x00")
+
+
+def _wrong_op(m: Message) -> bytes:
+    return reply(Message(True, m.uid, Operation.REMOVE, b""), b"\x00")
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        _wrong_uid,
+        _wrong_op,
+        lambda m: reply(m, b"\x00\x00"),  # HAVE answered with two bytes
+        lambda m: reply(m, b"\x07"),  # unknown result
+        lambda m: b"GARBAGE-GARBAGE-GARBAGE",
+        lambda m: None,  # connection closed without a reply
+    ],
+    ids=["uid", "operation", "length", "result", "garbage", "eof"],
+)
+def test_bad_replies_are_client_errors(handler: object) -> None:
+    with fake_peer(handler) as address, Client(address) as client:  # type: ignore[arg-type]
+        with pytest.raises(ClientError) as info:
+            client.have(SID)
+        assert not isinstance(info.value, ServerUnavailable)
+
+
+def test_broken_connection_is_not_reused() -> None:
+    calls: list[int] = []
+
+    def handler(m: Message) -> bytes:
+        calls.append(m.uid)
+        return reply(m, b"\x00" if len(calls) != 2 else b"\x09")
+
+    with fake_peer(handler) as address, Client(address) as client:
+        assert client.have(SID) is True
+        with pytest.raises(ClientError):
+            client.have(SID)
+        assert client.have(SID) is True  # a fresh connection, not the poisoned one
+        assert not client._idle or len(client._idle) == 1
+
+
+@pytest.mark.integration
+def test_reconnects_after_server_restart(tmp_path: Path) -> None:
+    address = f"IP:127.0.0.1:{free_port()}"
+    argv = tool("dc_server", "-listen", address)
+    with Client(address, deadline_ms=3000) as client:
+        with running(argv, ready=address, stderr=subprocess.DEVNULL):
+            assert client.add(SID, b"D" * 200, 60_000) is Result.OK
+            assert client.have(SID) is True
+        with pytest.raises(ClientError):
+            client.have(SID)  # nobody listening now
+        with running(argv, ready=address, stderr=subprocess.DEVNULL):
+            assert client.have(SID) is False  # new server, empty cache
+            assert client.add(SID, b"D" * 200, 60_000) is Result.OK
+        with running(argv, ready=address, stderr=subprocess.DEVNULL):
+            # The pooled connection died with the old server: retried transparently.
+            assert client.have(SID) is False
+
+
+@pytest.mark.integration
+def test_threads_share_one_client(dc_server_tcp: str) -> None:
+    errors: list[BaseException] = []
+    client = Client(dc_server_tcp, pool_size=4, deadline_ms=5000)
+
+    def work(n: int) -> None:
+        try:
+            for i in range(150):
+                sid = f"t{n}-{i}".encode()
+                data = bytes([n]) * (100 + i)
+                assert client.add(sid, data, 60_000) is Result.OK
+                assert client.get(sid) == data
+                assert client.remove(sid) is True
+                assert client.have(sid) is False
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    client.close()
+    assert not errors
+    assert len(client._idle) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_uses_its_own_connection(dc_server_unix: str) -> None:
+    with Client(dc_server_unix) as client:
+        assert client.add(SID, b"parent" * 20, 60_000) is Result.OK
+        parent_conn = client._idle[0]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            ok = client.get(SID) == b"parent" * 20 and client._idle[0] is not parent_conn
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client._idle == [parent_conn]
+        assert client.have(SID) is True  # the parent's connection survived the child
+
+
+def test_closed_client_refuses_calls() -> None:
+    with silent_peer() as address:
+        client = Client(address)
+        client.close()
+        with pytest.raises(ClientError):
+            client.get(SID)
+
+
+def test_connection_that_timed_out_is_not_reused() -> None:
+    seen: list[int] = []
+
+    def handler(m: Message) -> bytes:
+        seen.append(m.uid)
+        if len(seen) == 1:
+            time.sleep(0.3)
+        return reply(m, b"\x00")
+
+    with fake_peer(handler) as address, Client(address) as client:
+        with pytest.raises(ClientTimeout):
+            client.have(SID, deadline_ms=100)
+        assert client.have(SID) is True  # a new connection: the stale reply is never read
+        assert len(client._idle) == 1
