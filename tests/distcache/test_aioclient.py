@@ -182,3 +182,23 @@ def test_late_reply_after_a_timeout_is_discarded() -> None:
 
     with fake_peer(handler) as address:
         asyncio.run(scenario(address))
+
+
+def test_silent_server_is_dropped_instead_of_piling_up_timed_out_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tlscache.distcache import aioclient
+
+    monkeypatch.setattr(aioclient, "_GIVE_UP_S", 0.2)
+
+    async def scenario(address: str) -> None:
+        async with AsyncClient(address, deadline_ms=50) as client:
+            for _ in range(20):
+                with pytest.raises(ClientTimeout):
+                    await client.have(SID)
+            assert client.in_flight > 0  # late replies are still awaited ...
+            await asyncio.sleep(0.5)
+            assert client.in_flight == 0  # ... but not forever: the connection was dropped
+
+    with silent_peer() as address:
+        asyncio.run(scenario(address))

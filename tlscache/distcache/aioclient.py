@@ -49,6 +49,9 @@ from tlscache.exceptions import ClientError, ClientTimeout, ProtocolError
 
 #: Timers may fire this early (seconds); a call this close to its deadline is expired.
 _SLACK = 0.001
+#: A reply this overdue (seconds past its call's deadline) is taken as never coming: the
+#: connection is dropped, so calls that timed out do not pile up against a silent server.
+_GIVE_UP_S = 5.0
 
 
 class _Protocol(asyncio.Protocol):
@@ -162,9 +165,13 @@ class _Protocol(asyncio.Protocol):
         earliest = math.inf
         for fut, deadline in self.pending.values():
             if fut.done():
-                continue
-            if deadline <= now:
+                if deadline + _GIVE_UP_S <= now:
+                    self._abort(ClientError(f"{self.address} stopped answering"))
+                    return
+                earliest = min(earliest, deadline + _GIVE_UP_S)
+            elif deadline <= now:
                 fut.set_exception(ClientTimeout(f"no reply from {self.address} in time"))
+                earliest = min(earliest, deadline + _GIVE_UP_S)
             elif deadline < earliest:
                 earliest = deadline
         if earliest < math.inf:
