@@ -34,6 +34,7 @@ from tlscache.distcache.protocol import (
     HEADER,
     HEADER_SIZE,
     encode_add,
+    encode_response,
     encode_get,
     encode_have,
     encode_remove,
@@ -120,15 +121,74 @@ def _worker(
     out.close()
 
 
-def measure(target: str, clients: int, persistent: bool, seconds: float) -> float:
-    """Aggregate ops/s of ``clients`` processes hammering ``target`` for ``seconds``."""
+def _pipelined_worker(
+    target: str, lanes: int, depth: int, worker: int, start_at: float, seconds: float, out: Connection
+) -> None:
+    """``lanes`` persistent connections, each with ``depth`` requests sent at once.
+
+    Every round sends one batch of ``depth`` requests on each connection, then reads
+    each connection's answers; the answers are deterministic, so a batch is checked
+    with one comparison against the bytes the server must return.
+    """
+    batches: list[list[tuple[bytes, bytes]]] = []
+    for lane in range(lanes):
+        script = _script(worker * 64 + lane)
+        lane_batches = []
+        for i in range(0, len(script), depth):
+            chunk = script[i : i + depth]
+            req = b"".join(frame for frame, _, _, _ in chunk)
+            rep = b"".join(encode_response(uid, op, exp) for _, uid, op, exp in chunk)
+            lane_batches.append((req, rep))
+        batches.append(lane_batches)
+    rounds = list(zip(*batches, strict=True))
+    done = 0
+    error = ""
+    socks: list[socket.socket] = []
+    try:
+        while time.time() < start_at:
+            time.sleep(0.001)
+        end = time.monotonic() + seconds
+        socks = [_connect(target) for _ in range(lanes)]
+        while time.monotonic() < end:
+            for batch in rounds:
+                for sock, (req, _) in zip(socks, batch, strict=True):
+                    sock.sendall(req)
+                for sock, (_, rep) in zip(socks, batch, strict=True):
+                    buf = sock.recv(65536)
+                    while len(buf) < len(rep):
+                        more = sock.recv(65536)
+                        if not more:
+                            raise ConnectionError("closed mid-reply")
+                        buf += more
+                    if buf != rep:
+                        raise AssertionError(f"bad replies: {buf[:40].hex()}")
+                    done += depth
+    except Exception as exc:
+        error = repr(exc)
+    for sock in socks:
+        sock.close()
+    out.send((done, error))
+    out.close()
+
+
+def measure(
+    target: str, clients: int, persistent: bool, seconds: float, lanes: int = 0, depth: int = 0
+) -> float:
+    """Aggregate ops/s of ``clients`` processes hammering ``target`` for ``seconds``.
+
+    With ``lanes`` and ``depth`` each process pipelines (see :func:`_pipelined_worker`).
+    """
     ctx = mp.get_context("fork")
     start_at = time.time() + 0.3
     pipes = []
     procs = []
     for w in range(clients):
         r, w_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(target, persistent, w, start_at, seconds, w_end))
+        if lanes:
+            args = (target, lanes, depth, w, start_at, seconds, w_end)
+            p = ctx.Process(target=_pipelined_worker, args=args)
+        else:
+            p = ctx.Process(target=_worker, args=(target, persistent, w, start_at, seconds, w_end))
         p.start()
         w_end.close()
         pipes.append(r)

@@ -57,6 +57,7 @@ from tlscache.distcache.protocol import (
 from tlscache.exceptions import ProtocolError
 
 log = logging.getLogger("tlscache.dc_client")
+_monotonic = time.monotonic
 
 T = TypeVar("T")
 
@@ -81,6 +82,7 @@ def disconnected_reply(uid: int, operation: int) -> bytes:
 
 
 _pack = HEADER.pack
+_pack_into = HEADER.pack_into
 _unpack = HEADER.unpack_from
 
 
@@ -156,7 +158,8 @@ class LocalClient(Generic[T]):
     def __init__(self, ctx: T, number: int, now: float) -> None:
         self.ctx = ctx
         self.number = number
-        self.decoder = Decoder(expect_response=False)
+        # Only while a partial or multi-frame request is buffered (made on demand).
+        self.decoder: Decoder | None = None
         # Every request not yet answered to the client, in the client's order.
         self.waiting: deque[_Pending[T]] = deque()
         # The tail of ``waiting`` not yet forwarded upstream.
@@ -235,6 +238,10 @@ class Multiplexer(Generic[T]):
         self._close: list[T] = []
         self._reset = False
         self._connect = False
+        # Scratch of the fast forwarding path (see _forward_whole).
+        self._fast_buf = b""
+        self._fast_count = 0
+        self._fast_first = 0
 
     # ------------------------------------------------------------ inspection
 
@@ -267,14 +274,30 @@ class Multiplexer(Generic[T]):
         """Bytes from a local client: forward, queue or answer each whole request."""
         if client.closed:
             return
+        fast = 0
+        if self.state is Upstream.UP and client.decoder is None and not client.unsent:
+            fast = self._forward_whole(client, data, now)
+            if fast == len(data):
+                if fast:
+                    self._up_out.append(self._fast_buf)
+                return
+        decoder = client.decoder
+        if decoder is None:
+            decoder = client.decoder = Decoder(expect_response=False)
         try:
-            messages = _messages(client.decoder, data, 0)
+            messages = _messages(decoder, data[fast:] if fast else data, 0)
         except ProtocolError as exc:
+            if fast:
+                self._unforward(self._fast_count)
             self.stats.bad_clients += 1
             log.warning("local connection %d sent bad data (%s); closing it", client.number, exc)
             self._drop(client)
             self._close.append(client.ctx)
             return
+        if not decoder.in_message:
+            client.decoder = None
+        if fast:
+            self._up_out.append(self._fast_buf[:fast])
         if not messages:
             return
         client.last_active = now
@@ -294,6 +317,66 @@ class Multiplexer(Generic[T]):
                     self._ready.append(client)
         if not up:
             self._flush(client)
+
+    def _forward_whole(self, client: LocalClient[T], data: bytes, now: float) -> int:
+        """Forward the leading whole single-frame requests of ``data`` at once.
+
+        The common case of :meth:`client_data`: every request goes straight
+        upstream, so the frames are copied once and only their headers are
+        rewritten in place (the proxy's uid). Returns how many bytes of ``data``
+        were taken; the rewritten copy is left in ``_fast_buf``.
+        """
+        end = len(data)
+        pos = 0
+        inflight = self._inflight
+        room = self.max_in_flight - len(inflight)
+        waiting = client.waiting
+        buf: bytearray | None = None
+        count = 0
+        self._fast_first = self._next_uid
+        while end - pos >= HEADER_SIZE and room > count:
+            level, resp, cuid, op_class, op, complete, dlen = _unpack(data, pos)
+            stop = pos + HEADER_SIZE + dlen
+            if (
+                stop > end
+                or complete != 1
+                or resp
+                or op_class
+                or op > 3
+                or dlen > MAX_FRAME_DATA
+                or level >> 16 != PROTO_VERSION
+            ):
+                break
+            if buf is None:
+                buf = bytearray(data)
+            uid = self._next_uid
+            self._next_uid = (uid + 1) & 0xFFFFFFFF
+            while uid in inflight:  # only after 2**32 requests with one stuck
+                uid = self._next_uid
+                self._next_uid = (uid + 1) & 0xFFFFFFFF
+            p = _Pending(client, cuid, op, b"")
+            p.sent = now
+            inflight[uid] = p
+            waiting.append(p)
+            _pack_into(buf, pos, PROTO_LEVEL, 0, uid, 0, op, 1, dlen)
+            pos = stop
+            count += 1
+        if count:
+            assert buf is not None
+            self._fast_buf = bytes(buf)
+            self._fast_count = count
+            self.stats.forwarded += count
+            client.last_active = now
+        return pos
+
+    def _unforward(self, count: int) -> None:
+        """Take back the ``count`` requests :meth:`_forward_whole` just forwarded."""
+        inflight = self._inflight
+        for _ in range(count):
+            inflight.popitem()  # they are the newest entries
+        self._next_uid = self._fast_first
+        self.stats.forwarded -= count
+        self._fast_buf = b""
 
     def client_closed(self, client: LocalClient[T]) -> None:
         """The local connection is gone; answers still due to it are discarded."""
@@ -473,7 +556,7 @@ class Multiplexer(Generic[T]):
         if self.idle > 0:
             limit = now - self.idle
             for c in list(self._clients):
-                if c.last_active < limit and not c.waiting and not c.decoder.in_message:
+                if c.last_active < limit and not c.waiting and c.decoder is None:
                     self._drop(c)
                     self._close.append(c.ctx)
         if self.connect_due(now):
@@ -487,6 +570,20 @@ class Multiplexer(Generic[T]):
         return max(0.01, min(period, 0.25))
 
     # ------------------------------------------------------------ output
+
+    @property
+    def only_upstream(self) -> bool:
+        """True when upstream bytes are all :meth:`drain` would return (the commonest case)."""
+        return not (self._dirty or self._close or self._reset or self._connect)
+
+    def take_upstream(self) -> bytes:
+        """The bytes due upstream (as ``drain().upstream``), leaving the rest for :meth:`drain`."""
+        out = self._up_out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
 
     def drain(self) -> Actions[T]:
         """Everything the shell must do now; clears the core's output buffers."""
@@ -534,7 +631,7 @@ class _LocalProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.client = self.server.core.add_client(self, time.monotonic())
+        self.client = self.server.core.add_client(self, _monotonic())
         if self.client is None:
             self.transport.abort()
             return
@@ -545,9 +642,9 @@ class _LocalProtocol(asyncio.Protocol):
         if client is None:
             return
         server = self.server
-        server.core.client_data(client, data, time.monotonic())
+        server.core.client_data(client, data, _monotonic())
         server.apply()
-        if client.backlog > CLIENT_BACKLOG_HIGH and not self.paused and self.transport:
+        if len(client.waiting) > CLIENT_BACKLOG_HIGH and not self.paused and self.transport:
             self.paused = True
             if not self.write_blocked:
                 self.transport.pause_reading()
@@ -604,7 +701,7 @@ class _UpstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         server = self.server
         if server.upstream is self:
-            server.core.upstream_data(data, time.monotonic())
+            server.core.upstream_data(data, _monotonic())
             server.apply()
 
     def eof_received(self) -> bool | None:
@@ -678,7 +775,16 @@ class ProxyServer:
 
     def apply(self) -> None:
         """Carry out what the core asked for."""
-        actions = self.core.drain()
+        core = self.core
+        if core.only_upstream:
+            # The commonest case by far (a request to forward): no Actions needed.
+            # The bytes stay in the core until the flush at the end of this loop
+            # iteration, which takes them with everything else due by then.
+            if not self._up_scheduled and self._loop is not None and self.upstream is not None:
+                self._up_scheduled = True
+                self._loop.call_soon(self._flush_upstream)
+            return
+        actions = core.drain()
         if actions.reset_upstream and self.upstream is not None:
             up, self.upstream = self.upstream, None
             self._up_pending.clear()
@@ -707,6 +813,9 @@ class ProxyServer:
     def _flush_upstream(self) -> None:
         self._up_scheduled = False
         pending = self._up_pending
+        more = self.core.take_upstream()
+        if more:
+            pending.append(more)
         if not pending:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
