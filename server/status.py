@@ -1,0 +1,213 @@
+"""HTML for people: one backend's status page and the farm's aggregated page.
+
+The JSON next to each page carries the same data for machines; these functions only render it,
+so that nothing on a status page is computed differently from what the JSON says.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+from typing import Any
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3}.yes{color:#070;font-weight:bold}.no{color:#a50}.dead{color:#b00}
+code{background:#f6f6f6;padding:0 .2em}
+"""
+
+
+def page(title: str, body: str, refresh: int | None = None) -> str:
+    """A complete HTML document."""
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'>{meta}"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def _e(value: Any) -> str:
+    return html.escape("-" if value is None else str(value))
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _yes(flag: Any) -> str:
+    return '<span class="yes">resumed</span>' if flag else '<span class="no">full</span>'
+
+
+def _state(state: str) -> str:
+    return _e(state) if state == "running" else f'<b class="dead">{_e(state)}</b>'
+
+
+def _rate(resumed: int, full: int) -> str:
+    total = resumed + full
+    return f"{100.0 * resumed / total:.1f}%" if total else "-"
+
+
+def _cache_rows(cache: Any) -> list[list[str]]:
+    """Flatten cache statistics (whatever shape the cache reports) into key/value rows."""
+    rows: list[list[str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and len(value) > 8:
+            rows.append([_e(prefix), _e(f"[{len(value)} values]")])
+        else:
+            rows.append([_e(prefix), _e(value)])
+
+    walk("", cache)
+    return rows
+
+
+def _recent_rows(recent: list[dict[str, Any]], with_backend: bool) -> list[list[str]]:
+    rows = []
+    for r in reversed(recent):
+        when = datetime.datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S.%f")[:-3]
+        row = [_e(when)]
+        if with_backend:
+            row.append(_e(r.get("backend")))
+        row += [
+            _yes(r.get("resumed")),
+            f"<code>{_e(r.get('session_id'))}</code>",
+            _e(r.get("version")),
+            _ms(r.get("handshake_ms")),
+        ]
+        rows.append(row)
+    return rows
+
+
+def render_backend(s: dict[str, Any]) -> str:
+    """One backend's page: its handshakes, latency and cache counters."""
+    hs = s["handshakes"]
+    lat = s["handshake_ms"]
+    summary = _table(
+        ["connections", "active", "requests", "full", "resumed", "failed", "resumed share"],
+        [
+            [
+                _e(s["connections"]),
+                _e(s["active"]),
+                _e(s["requests"]),
+                _e(hs["full"]),
+                _e(hs["resumed"]),
+                _e(hs["failed"]),
+                _rate(hs["resumed"], hs["full"]),
+            ]
+        ],
+    )
+    latency = _table(
+        ["server handshake ms", "p50", "p99"],
+        [
+            ["full", _ms(lat["full"]["p50"]), _ms(lat["full"]["p99"])],
+            ["resumed", _ms(lat["resumed"]["p50"]), _ms(lat["resumed"]["p99"])],
+        ],
+    )
+    cache = s.get("cache")
+    cache_html = (
+        _table(["cache counter", "value"], _cache_rows(cache))
+        if cache
+        else f"<p>Session cache: <b>{_e(s['cache_mode'])}</b>.</p>"
+    )
+    recent = _table(
+        ["time", "handshake", "session id", "TLS", "ms"],
+        _recent_rows(s.get("recent", []), with_backend=False),
+    )
+    body = (
+        f"<p>pid {_e(s['pid'])}, TLS &le; {_e(s['tls'])}, cache <b>{_e(s['cache_mode'])}</b> "
+        f"({_e(s.get('dc_address'))}), up {_e(s['uptime_s'])} s.</p>"
+        f"{summary}{latency}<h2>Session cache</h2>{cache_html}"
+        f"<h2>Recent handshakes</h2>{recent}"
+    )
+    return page(f"tlscache backend {s['name']}", body, refresh=5)
+
+
+def render_farm(data: dict[str, Any]) -> str:
+    """The farm's page: who resumed where, hit/miss and cache latency for every backend."""
+    procs = _table(
+        ["process", "pid", "state", "address"],
+        [
+            [
+                _e(p["name"]),
+                _e(p.get("pid")),
+                _state(p["state"]),
+                _e(p.get("address")),
+            ]
+            for p in data.get("processes", [])
+        ],
+    )
+    rows = []
+    recent: list[dict[str, Any]] = []
+    bal = data.get("balancer") or {}
+    bal_counts = {b["address"]: b for b in bal.get("backends", [])}
+    for b in data.get("backends", []):
+        s = b.get("status")
+        if not s:
+            rows.append([_e(b["name"]), '<b class="dead">unreachable</b>'] + ["-"] * 7)
+            continue
+        hs = s["handshakes"]
+        lat = s["handshake_ms"]
+        cache = s.get("cache") or {}
+        lb = bal_counts.get(b.get("address", ""), {})
+        rows.append(
+            [
+                _e(s["name"]),
+                _e(lb.get("connections")),
+                _e(hs["full"]),
+                _e(hs["resumed"]),
+                _rate(hs["resumed"], hs["full"]),
+                _e(cache.get("hits") if isinstance(cache, dict) else None),
+                _e(cache.get("misses") if isinstance(cache, dict) else None),
+                _ms(lat["full"]["p50"]) + " / " + _ms(lat["resumed"]["p50"]),
+                _e(_lookup_latency(cache)),
+            ]
+        )
+        recent += [dict(r, backend=s["name"]) for r in s.get("recent", [])]
+    backends = _table(
+        [
+            "backend",
+            "balancer conns",
+            "full",
+            "resumed",
+            "resumed share",
+            "cache hits",
+            "cache misses",
+            "hs ms p50 full / resumed",
+            "cache lookup p50 / p99",
+        ],
+        rows,
+    )
+    recent.sort(key=lambda r: r["time"])
+    who = _table(
+        ["time", "backend", "handshake", "session id", "TLS", "ms"],
+        _recent_rows(recent[-60:], with_backend=True),
+    )
+    body = (
+        f"<p>Balancer <code>{_e(data.get('balancer_url'))}</code>, TLS &le; {_e(data.get('tls'))}, "
+        f"cache <b>{_e(data.get('cache'))}</b>. JSON: <a href='/status.json'>/status.json</a>.</p>"
+        f"<h2>Backends</h2>{backends}<h2>Processes</h2>{procs}"
+        "<h2>Who resumed where</h2><p>TLS 1.2: one session id, full on one backend and then "
+        "resumed on others, is a session shared across the farm. TLS 1.3: every ticket has its "
+        "own id, and a resumed handshake shows the id of the ticket it used.</p>"
+        f"{who}"
+    )
+    return page("tlscache farm", body, refresh=3)
+
+
+def _lookup_latency(cache: Any) -> str | None:
+    """Store lookup latency as the cache reports it (p50 / p99, ms)."""
+    if not isinstance(cache, dict) or cache.get("latency_p50_ms") is None:
+        return None
+    return f"{_ms(cache['latency_p50_ms'])} / {_ms(cache.get('latency_p99_ms'))} ms"

@@ -1,0 +1,216 @@
+"""The client workload of ``--report``: clients that connect once, then reconnect offering their
+session, through the balancer. Python's ``ssl`` module is the client, as in many real programs.
+
+Each connection fetches ``/info`` with ``Connection: close``: the answer says which backend served
+it and the server then closes TLS cleanly, so the client's session stays valid. Reading the answer
+before reconnecting also means the server has handed the new session to the cache by then.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import percentile
+
+
+@dataclass
+class Sample:
+    """One connection as the client saw it."""
+
+    client: int
+    attempt: int
+    offered: bool
+    resumed: bool
+    backend: str | None
+    origin: str | None  # backend where the offered session was made
+    handshake_ms: float
+    error: str | None = None
+
+
+@dataclass
+class WorkloadResult:
+    """All samples of a run plus the summary the report prints."""
+
+    samples: list[Sample] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    skipped: int = 0
+
+    @property
+    def ok(self) -> list[Sample]:
+        return [s for s in self.samples if s.error is None]
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for s in self.samples if s.error is not None)
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.ok
+        offered = [s for s in ok if s.offered]
+        resumed = [s for s in offered if s.resumed]
+        per_backend: dict[str, dict[str, int]] = {}
+        for s in ok:
+            row = per_backend.setdefault(s.backend or "?", {"full": 0, "resumed": 0})
+            row["resumed" if s.resumed else "full"] += 1
+        full_ms = [s.handshake_ms for s in ok if not s.resumed]
+        res_ms = [s.handshake_ms for s in ok if s.resumed]
+        return {
+            "connections": len(self.samples),
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "offered": len(offered),
+            "resumed": len(resumed),
+            "resumed_elsewhere": sum(1 for s in resumed if s.origin and s.origin != s.backend),
+            "rate": len(resumed) / len(offered) if offered else 0.0,
+            "per_backend": dict(sorted(per_backend.items())),
+            "full_ms": {"p50": percentile(full_ms, 50), "p99": percentile(full_ms, 99)},
+            "resumed_ms": {"p50": percentile(res_ms, 50), "p99": percentile(res_ms, 99)},
+            "elapsed_s": round(self.elapsed_s, 2),
+        }
+
+
+def client_context(ca: str | None, tls: str) -> ssl.SSLContext:
+    """One context for all connections: Python only resumes sessions made by the same context."""
+    ctx = ssl.create_default_context(cafile=ca)
+    if ca is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2 if tls == "1.2" else ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def fetch_info(
+    ctx: ssl.SSLContext,
+    host: str,
+    port: int,
+    session: ssl.SSLSession | None,
+    timeout: float = 5.0,
+    server_hostname: str = "localhost",
+) -> tuple[dict[str, Any], ssl.SSLSession | None, bool, float]:
+    """One connection: handshake (timed), GET /info, read to the server's close_notify.
+
+    Returns the JSON, the session to offer next time, whether this one resumed, and the
+    handshake time in ms.
+    """
+    raw = socket.create_connection((host, port), timeout=timeout)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = ctx.wrap_socket(
+            raw, server_hostname=server_hostname, session=session, do_handshake_on_connect=False
+        )
+        t0 = time.perf_counter()
+        tls.do_handshake()
+        ms = (time.perf_counter() - t0) * 1000.0
+        tls.sendall(
+            f"GET /info HTTP/1.1\r\nHost: {server_hostname}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = bytearray()
+        while True:
+            try:
+                chunk = tls.recv(65536)
+            except ssl.SSLZeroReturnError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = bytes(data).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise OSError(f"bad response: {head[:40]!r}")
+        info: dict[str, Any] = json.loads(body)
+        return info, tls.session, bool(tls.session_reused), ms
+    finally:
+        raw.close()
+
+
+def run_workload(
+    host: str,
+    port: int,
+    *,
+    ca: str | None,
+    tls: str,
+    clients: int = 60,
+    reconnects: int = 5,
+    concurrency: int = 8,
+    time_limit: float = 20.0,
+    pause: float = 0.01,
+    progress: Callable[[int, int], None] | None = None,
+) -> WorkloadResult:
+    """Each client: one full handshake, then ``reconnects`` connections offering its latest session.
+
+    Bounded in count (clients x (1 + reconnects)) and in time (connections not started before
+    ``time_limit`` are skipped and counted). ``pause`` before each reconnect stands for a real
+    client's think time; with none, a TLS 1.2 client can beat the server's store write.
+    """
+    ctx = client_context(ca, tls)
+    result = WorkloadResult()
+    lock = threading.Lock()
+    total = clients * (1 + reconnects)
+    deadline = time.monotonic() + time_limit
+    start = time.monotonic()
+
+    def one_client(n: int) -> None:
+        session: ssl.SSLSession | None = None
+        origin: str | None = None
+        for attempt in range(1 + reconnects):
+            if time.monotonic() > deadline:
+                with lock:
+                    result.skipped += 1 + reconnects - attempt
+                return
+            offered = session is not None
+            if offered and pause > 0:
+                time.sleep(pause)
+            try:
+                info, new_session, resumed, ms = fetch_info(ctx, host, port, session)
+                sample = Sample(n, attempt, offered, resumed, info.get("backend"), origin, ms)
+                if not resumed:
+                    origin = info.get("backend")
+                session = new_session or session
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                sample = Sample(n, attempt, offered, False, None, origin, 0.0, repr(exc))
+            with lock:
+                result.samples.append(sample)
+                done = len(result.samples) + result.skipped
+            if progress is not None:
+                progress(done, total)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        list(pool.map(one_client, range(clients)))
+    result.elapsed_s = time.monotonic() - start
+    return result
+
+
+class TerminalProgress:
+    """A one-line progress meter, redrawn at most ten times a second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        self.shown = True
+        sys.stderr.write(f"\r  {self.label}: {done}/{total} connections")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def terminal_progress(label: str) -> TerminalProgress | None:
+    """Progress on a terminal; nothing when output is captured (logs, tests, CI)."""
+    return TerminalProgress(label) if sys.stderr.isatty() else None
