@@ -2,13 +2,16 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo farm test bench clean
 
 setup:
 	@scripts/bootstrap.sh
 
 demo: setup
 	$(VENV)/bin/tlscache-farm --report
+
+farm: setup
+	$(VENV)/bin/tlscache-farm
 
 test: setup
 	$(VENV)/bin/ruff check tlscache server tests bench
