@@ -470,6 +470,7 @@ class Multiplexer(Generic[T]):
             return
         inflight = self._inflight
         stats = self.stats
+        dirty = self._dirty
         for uid, op, payload in messages:
             p = inflight.pop(uid, None)
             if p is None:
@@ -488,11 +489,23 @@ class Multiplexer(Generic[T]):
             stats.answered += 1
             size = len(payload)
             if size <= MAX_FRAME_DATA:
-                p.reply = _pack(PROTO_LEVEL, 1, p.uid, 0, op, 1, size) + payload
+                reply = _pack(PROTO_LEVEL, 1, p.uid, 0, op, 1, size) + payload
             else:
-                p.reply = encode_message(True, p.uid, op, payload)
+                reply = encode_message(True, p.uid, op, payload)
             c.last_active = now
-            self._flush(c)
+            waiting = c.waiting
+            if waiting and waiting[0] is p:
+                # Answered in the client's order (the usual case): straight out.
+                waiting.popleft()
+                out = c.out
+                if not out:
+                    dirty.append(c)
+                out.append(reply)
+                if waiting and waiting[0].reply is not None:
+                    self._flush(c)
+            else:
+                p.reply = reply
+                self._flush(c)
         if self._ready:
             self._pump(now)
 
@@ -575,6 +588,11 @@ class Multiplexer(Generic[T]):
     def only_upstream(self) -> bool:
         """True when upstream bytes are all :meth:`drain` would return (the commonest case)."""
         return not (self._dirty or self._close or self._reset or self._connect)
+
+    @property
+    def upstream_due(self) -> bool:
+        """True when there are bytes for the upstream."""
+        return bool(self._up_out)
 
     def take_upstream(self) -> bytes:
         """The bytes due upstream (as ``drain().upstream``), leaving the rest for :meth:`drain`."""
@@ -780,7 +798,12 @@ class ProxyServer:
             # The commonest case by far (a request to forward): no Actions needed.
             # The bytes stay in the core until the flush at the end of this loop
             # iteration, which takes them with everything else due by then.
-            if not self._up_scheduled and self._loop is not None and self.upstream is not None:
+            if (
+                core.upstream_due
+                and not self._up_scheduled
+                and self._loop is not None
+                and self.upstream is not None
+            ):
                 self._up_scheduled = True
                 self._loop.call_soon(self._flush_upstream)
             return
