@@ -186,3 +186,41 @@ def test_passes_through_dc_client(
         _wait_proxy_connected(local)
         code, err = _run(capsys, "-connect", local, "-sessions", "20", "-ops", "800", *mode)
     assert code == 0, err
+
+
+def test_a_worker_thread_dying_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unforeseen exception in a worker thread must not pass for a complete run."""
+
+    def broken_have(self: Client, session_id: bytes, **kw: object) -> bool:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(Client, "have", broken_have)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)  # keep the output clean
+    with fake_peer(_forgetful) as address:
+        code, err = _run(
+            capsys, "-connect", address, "-persistent", "-concurrency", "2", "-seed", "3"
+        )
+    assert code == 1
+    assert "operations were checked" in err
+    assert "all tests complete" not in err
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    from tlscache.cli.dc_test import Report
+
+    report = Report(
+        sessions=1,
+        ops=100,
+        done=100,
+        elapsed=1.0,
+        latencies_ns=[i * 1000 for i in range(1, 101)],
+        error=None,
+    )
+    assert report.percentile_us(0.5) == 50.0
+    assert report.percentile_us(0.99) == 99.0  # not the maximum
+    assert report.percentile_us(1.0) == 100.0
+    one = Report(sessions=1, ops=1, done=1, elapsed=1.0, latencies_ns=[7000], error=None)
+    assert one.percentile_us(0.5) == one.percentile_us(0.99) == 7.0
+    assert Report(1, 1, 0, 1.0, [], "x").percentile_us(0.5) == 0.0

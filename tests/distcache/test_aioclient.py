@@ -206,3 +206,57 @@ def test_silent_server_is_dropped_instead_of_piling_up_timed_out_calls(
 
     with silent_peer() as address:
         asyncio.run(scenario(address))
+
+
+def record_connects(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[Any]:
+    """Make AsyncClient's connects take ``delay`` seconds; returns the connections made."""
+    import tlscache.distcache.aioclient as aioclient
+
+    opened: list[aioclient._Protocol] = []
+    real_open = aioclient._open
+
+    async def open_and_record(address: Any) -> aioclient._Protocol:
+        await asyncio.sleep(delay)
+        proto = await real_open(address)
+        opened.append(proto)
+        return proto
+
+    monkeypatch.setattr(aioclient, "_open", open_and_record)
+    return opened
+
+
+def test_slow_connect_is_reused_not_leaked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect that finishes after its caller timed out serves the next call."""
+    opened = record_connects(monkeypatch, delay=0.2)
+
+    async def scenario(address: str) -> None:
+        client = AsyncClient(address)
+        with pytest.raises(ClientTimeout):
+            await client.have(SID, deadline_ms=50)
+        await asyncio.sleep(0.4)  # the first connect completes meanwhile
+        assert await client.have(SID) is False
+        assert len(opened) == 1
+        await client.close()
+        assert opened[0].lost
+
+    with fake_peer(lambda m: reply(m, b"\x01")) as address:
+        asyncio.run(scenario(address))
+
+
+def test_close_during_connect_leaves_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = record_connects(monkeypatch)
+
+    async def scenario(address: str) -> None:
+        client = AsyncClient(address)
+        call = asyncio.ensure_future(client.have(SID))
+        for _ in range(100_000):
+            if opened:
+                break
+            await asyncio.sleep(0)
+        await client.close()  # the connect is done, the caller not yet resumed
+        with pytest.raises(ClientError):
+            await call
+        assert opened[0].lost
+
+    with fake_peer(lambda m: reply(m, b"\x01")) as address:
+        asyncio.run(scenario(address))

@@ -185,6 +185,8 @@ def test_direct_add_checks() -> None:
     assert cache.add(b"x" * 65, b"d", 1, T0) == Result.ADD_ID_RANGE
     assert cache.add(b"x", b"d", -1, T0) == Result.ADD_TIMEOUT_RANGE
     assert cache.add(b"x", b"", 1, T0) == Result.ADD_DATA_RANGE
+    # More than one message can carry: the wire cannot deliver it, so neither may the API.
+    assert cache.add(b"x", b"d" * 32769, 1, T0) == Result.ADD_DATA_RANGE
     assert cache.expiry_of(b"x") is None
     assert cache.add(b"x", b"d", 7, T0) == Result.OK
     assert cache.expiry_of(b"x") == T0 + 7

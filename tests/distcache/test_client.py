@@ -226,3 +226,29 @@ def test_connection_that_timed_out_is_not_reused() -> None:
             client.have(SID, deadline_ms=100)
         assert client.have(SID) is True  # a new connection: the stale reply is never read
         assert len(client._idle) == 1
+
+
+def test_call_finishing_during_close_does_not_refill_the_pool() -> None:
+    """close() racing with a call that returns its connection: nothing stays open."""
+    with fake_peer(lambda m: reply(m, b"\x00")) as address:
+        client = Client(address)
+        real_lock = client._lock
+
+        class CloseWhileWaiting:
+            """The lock; at check-in a close() from another thread wins it just before us."""
+
+            entered = 0
+
+            def __enter__(self) -> None:
+                self.entered += 1
+                if self.entered == 2:  # 1: check-out, 2: check-in
+                    client._lock = real_lock
+                    client.close()
+                real_lock.acquire()
+
+            def __exit__(self, *exc: object) -> None:
+                real_lock.release()
+
+        client._lock = CloseWhileWaiting()  # type: ignore[assignment]
+        assert client.have(SID) is True
+        assert client._idle == []

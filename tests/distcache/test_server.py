@@ -391,3 +391,85 @@ def test_bad_connection_warnings_are_rate_limited(caplog: pytest.LogCaptureFixtu
         srv.warn("Warning, closing connection from %s: %s", "late", "garbage")
     summary = [r for r in caplog.records if "without being logged" in r.getMessage()]
     assert len(summary) >= 1
+
+
+@pytest.mark.parametrize("tail", ["garbage", "half-close inside a frame"])
+def test_answers_before_bad_input_are_flushed(tail: str) -> None:
+    """Pipelined requests followed by bad input: every answer arrives, then the close."""
+    big = os.urandom(30_000)
+    with server() as (address, _), conn(address, timeout=10) as sock:
+        sock.sendall(encode_add(1, b"big", big, 60_000))
+        recv_messages(sock, 1)
+        requests = b"".join(encode_get(uid, b"big") for uid in range(2, 202))
+        if tail == "garbage":
+            sock.sendall(requests + b"GET / HTTP/1.0\r\n\r\n")
+        else:
+            sock.sendall(requests + encode_have(999, b"big")[:10])
+            sock.shutdown(socket.SHUT_WR)
+        closed, got = closed_by_peer(sock, 10)
+    assert closed
+    messages = Decoder(expect_response=True).feed(got)
+    assert [m.uid for m in messages] == list(range(2, 202))
+    assert all(m.payload == big for m in messages)
+
+
+class _SlowTransport(asyncio.Transport):
+    """A transport whose peer has not taken the last answers yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.written = b""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 4242) if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.written)
+
+    def is_closing(self) -> bool:
+        return bool(self.calls)
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+@pytest.mark.parametrize("read_timeout", [0.05, None])
+def test_bad_input_closes_after_the_queued_answers(read_timeout: float | None) -> None:
+    """Answers still buffered when bad input arrives are sent (within read_timeout)."""
+
+    async def scenario() -> list[str]:
+        srv = Server(SessionCache(), read_timeout=read_timeout, stats=False)
+        protocol = srv._protocol()
+        transport = _SlowTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(encode_have(1, b"x") + b"GET / HTTP/1.0\r\n\r\n")
+        assert len(transport.written) == 15  # the HAVE answer, then the close
+        await asyncio.sleep(0.2)
+        return transport.calls
+
+    calls = asyncio.run(scenario())
+    # Graceful close first; cut off only if the peer does not take them in time.
+    assert calls == (["close", "abort"] if read_timeout else ["abort"])
+
+
+def test_serve_closes_started_listeners_when_a_later_one_fails(tmp_path: Path) -> None:
+    from tlscache.distcache.server import serve
+
+    good = tmp_path / "good.sock"
+    bad = tmp_path / "not-a-socket"
+    bad.write_text("keep")
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError):
+            await serve([f"UNIX:{good}", f"UNIX:{bad}"], install_signals=False, stats=False)
+
+    asyncio.run(scenario())
+    with socket.socket(socket.AF_UNIX) as probe, pytest.raises(OSError):
+        probe.connect(str(good))  # nobody listens there any more

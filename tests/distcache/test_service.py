@@ -61,35 +61,25 @@ def test_replay_in_pieces(pieces: int) -> None:
         assert got == want, name
 
 
+def conversation() -> tuple[bytes, bytes]:
+    """Every request and every response of the vectors that need no clock change."""
+    used = [v for v in ALL_VECTORS if v["name"] != "get_timeout_zero_expired"]
+    stream = b"".join(bytes.fromhex(v["request_hex"]) for v in used)
+    expected = b"".join(bytes.fromhex(v["response_hex"]) for v in used)
+    return stream, expected
+
+
 def test_whole_conversation_in_one_buffer() -> None:
     """All 34 requests pipelined in one read are answered in order (no C §9.4 bug)."""
     conn = CacheService(SessionCache()).connection()
-    stream = b"".join(
-        bytes.fromhex(v["request_hex"])
-        for v in ALL_VECTORS
-        if v["name"] != "get_timeout_zero_expired"
-    )
-    expected = b"".join(
-        bytes.fromhex(v["response_hex"])
-        for v in ALL_VECTORS
-        if v["name"] != "get_timeout_zero_expired"
-    )
+    stream, expected = conversation()
     assert conn.feed(stream, T0) == expected
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=100_000), max_size=30))
 def test_arbitrary_chunking(cuts: list[int]) -> None:
-    stream = b"".join(
-        bytes.fromhex(v["request_hex"])
-        for v in ALL_VECTORS
-        if v["name"] != "get_timeout_zero_expired"
-    )
-    expected = b"".join(
-        bytes.fromhex(v["response_hex"])
-        for v in ALL_VECTORS
-        if v["name"] != "get_timeout_zero_expired"
-    )
+    stream, expected = conversation()
     points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     conn = CacheService(SessionCache()).connection()
     got = b"".join(conn.feed(stream[a:b], T0) for a, b in itertools.pairwise(points))
@@ -217,3 +207,31 @@ def test_input_arriving_while_held_back_keeps_its_order() -> None:
     while conn.pending:
         out += conn.feed(b"", T0)
     assert [m.uid for m in Decoder(expect_response=True).feed(out)] == [2, 3, 4]
+
+
+def test_requests_before_bad_input_are_answered_on_the_slow_path() -> None:
+    # A multi-frame request goes through the general decoder; the bad frame after
+    # it must not swallow its answer.
+    conn = CacheService(SessionCache()).connection()
+    big = encode_add(1, b"big", b"x" * 5000, 60_000)
+    out = conn.feed(big + encode_have(2, b"big") + b"GET / HTTP/1.0\r\n\r\n", T0)
+    responses = Decoder(expect_response=True).feed(out)
+    assert [(m.uid, m.payload) for m in responses] == [(1, b"\x00"), (2, b"\x00")]
+    assert conn.error is not None
+    assert conn.feed(encode_have(3, b"big"), T0) == b""
+
+
+def test_bad_input_waits_for_held_back_answers() -> None:
+    conn = CacheService(SessionCache()).connection(output_budget=1)
+    assert conn.feed(encode_add(1, b"k", b"v" * 3000, 60_000), T0)[-1] == 0
+    out = conn.feed(encode_get(2, b"k")[:10], T0)
+    out += conn.feed(encode_get(2, b"k")[10:] + encode_get(3, b"k") + b"\xff" * 20, T0)
+    rounds = 0
+    while conn.pending:
+        assert conn.error is None
+        out += conn.feed(b"", T0)
+        rounds += 1
+        assert rounds < 100
+    assert [m.uid for m in Decoder(expect_response=True).feed(out)] == [2, 3]
+    assert conn.error is not None
+    assert not conn.pending

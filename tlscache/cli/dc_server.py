@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import socket
 import sys
 from collections.abc import Sequence
 
 from tlscache.cli.daemon import add_process_options, after_listen
-from tlscache.cli.options import Parser, address, fail, int_range
+from tlscache.cli.options import Parser, address, fail
+from tlscache.cli.runtime import StopSignals, add_loop_option, checked_loop_factory, loop_name
 from tlscache.distcache.address import Address, listen
 from tlscache.distcache.cache import (
     DEFAULT_SESSIONS,
@@ -29,7 +29,6 @@ from tlscache.distcache.server import (
     DEFAULT_READ_TIMEOUT,
     configure_logging,
     log,
-    loop_factory,
     raise_fd_limit,
     run,
 )
@@ -59,20 +58,19 @@ def build_parser() -> Parser:
         action="append",
         help="address to accept connections on (required; may be repeated)",
     )
-    parser.add_argument(
+    parser.add_number(
         "-sessions",
-        metavar="N",
-        type=int_range(1, MAX_SESSIONS_LARGE),
-        default=DEFAULT_SESSIONS,
-        help=f"cache capacity in sessions ({MIN_SESSIONS}..{MAX_SESSIONS}; "
-        f"default {DEFAULT_SESSIONS})",
+        1,
+        MAX_SESSIONS_LARGE,
+        DEFAULT_SESSIONS,
+        f"cache capacity in sessions ({MIN_SESSIONS}..{MAX_SESSIONS}; default {DEFAULT_SESSIONS})",
     )
-    parser.add_argument(
+    parser.add_number(
         "-progress",
-        metavar="N",
-        type=int_range(0, 1_000_000),
-        default=0,
-        help="also print statistics each time the operation count crosses a multiple of N",
+        0,
+        1_000_000,
+        0,
+        "also print statistics each time the operation count crosses a multiple of N",
     )
     add_process_options(parser)
     parser.add_argument(
@@ -80,12 +78,13 @@ def build_parser() -> Parser:
         action="store_true",
         help=f"allow -sessions above {MAX_SESSIONS} (up to {MAX_SESSIONS_LARGE})",
     )
-    parser.add_argument(
+    parser.add_number(
         "--max-bytes",
+        1,
+        1 << 48,
+        None,
+        "also bound the cache by total id + data bytes (soonest-expiring evicted first)",
         metavar="BYTES",
-        type=int_range(1, 1 << 48),
-        default=None,
-        help="also bound the cache by total id + data bytes (soonest-expiring evicted first)",
     )
     parser.add_argument(
         "--read-timeout",
@@ -95,19 +94,14 @@ def build_parser() -> Parser:
         help="drop a peer that stalls inside a message (or stops reading) this long; "
         f"0 disables (default {DEFAULT_READ_TIMEOUT:g})",
     )
-    parser.add_argument(
+    parser.add_number(
         "--max-connections",
-        metavar="N",
-        type=int_range(1, 10_000_000),
-        default=None,
-        help="refuse connections beyond N at a time (default: no limit but file descriptors)",
+        1,
+        10_000_000,
+        None,
+        "refuse connections beyond N at a time (default: no limit but file descriptors)",
     )
-    parser.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop implementation (auto: uvloop when installed)",
-    )
+    add_loop_option(parser)
     parser.add_argument(
         "--quiet",
         action="store_true",
@@ -137,26 +131,6 @@ def _listen_all(
     return sockets
 
 
-def _stop_before_loop(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
-def _early_signals(killable: bool) -> None:
-    """Signal dispositions from the moment the listener accepts, before the event loop runs.
-
-    Clients (and supervisors) see the socket as soon as it listens, so a stop
-    signal must already mean a clean exit and SIGUSR1/2 must already be ignored.
-    The event loop installs its own handlers for the same signals later.
-    """
-    stopping = [signal.SIGTERM, signal.SIGINT]
-    usr = [signal.SIGUSR1, signal.SIGUSR2]
-    for sig in stopping + usr if killable else stopping:
-        signal.signal(sig, _stop_before_loop)
-    if not killable:
-        for sig in usr:
-            signal.signal(sig, signal.SIG_IGN)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not args.listen:
@@ -166,11 +140,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = "" if args.allow_large else f" (use --allow-large for more than {MAX_SESSIONS})"
         fail(f"-sessions {args.sessions} out of range ({MIN_SESSIONS}..{top}){hint}")
     cache = SessionCache(args.sessions, args.max_bytes, allow_large=args.allow_large)
-    try:
-        factory = loop_factory(args.loop)
-    except ImportError:
-        fail("--loop uvloop needs uvloop (pip install 'tlscache[uvloop]')")
-    _early_signals(args.killable)
+    factory = checked_loop_factory(args.loop)
+    # From here on (clients may connect as soon as the listener exists) a stop
+    # signal means a clean exit, and SIGUSR1/2 are ignored unless -killable.
+    signals = StopSignals(args.killable)
     raise_fd_limit()
     configure_logging()
     sockets = _listen_all(args.listen, args.sockowner, args.sockgroup, args.sockperms)
@@ -179,15 +152,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Info, dc_server listening on %s (capacity %d sessions, %s event loop)",
             ", ".join(str(addr) for addr in args.listen),
             args.sessions,
-            "asyncio" if factory is asyncio.new_event_loop else "uvloop",
+            loop_name(factory),
         )
     after_listen(args.daemon, args.pidfile, args.user)
+    stop = asyncio.Event()
+
+    def ready() -> None:
+        signals.attach(asyncio.get_running_loop(), stop.set)
+
+    if signals.requested:  # stopped while starting up
+        for sock in sockets:
+            sock.close()
+        sys.exit(0)
     with contextlib.suppress(KeyboardInterrupt):
         run(
             sockets,
             cache,
             loop=args.loop,
-            killable=args.killable,
+            ready=ready,
+            stop=stop,
+            install_signals=False,
             read_timeout=args.read_timeout or None,
             max_connections=args.max_connections,
             progress=args.progress,

@@ -10,15 +10,12 @@ stdout). Unlike the C tool there is no limit of 10 connection pairs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import stat
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from tlscache.cli.options import Parser, address, connect_address, fail
+from tlscache.cli.options import Parser, add_server_option, address, fail, one_server
+from tlscache.cli.runtime import StopSignals, remove_socket_file, socket_file_inode
 from tlscache.distcache.address import Address, listen
 from tlscache.distcache.snoop import Log, SnoopServer
 
@@ -32,15 +29,7 @@ def build_parser() -> Parser:
     parser.add_argument(
         "-listen", metavar="ADDR", type=address, help="accept connections here (required)"
     )
-    parser.add_argument(
-        "-server",
-        "-connect",
-        dest="server",
-        metavar="ADDR",
-        action="append",
-        type=connect_address,
-        help="open one connection here per accepted connection (required)",
-    )
+    add_server_option(parser, "open one connection here per accepted connection (required)")
     parser.add_argument(
         "-hexdump", action="store_true", help="also dump each message payload in hex"
     )
@@ -55,12 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.listen is None:
         fail("must provide -listen")
-    if not args.server:
-        fail("no server specified!")
-    if len(args.server) > 1:
-        fail("-server/-connect given more than once")
+    server_addr = one_server(args)
     listen_addr: Address = args.listen
-    server_addr: Address = args.server[0]
 
     json_out: TextIO | None = None
     if args.json == "-":
@@ -72,32 +57,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail(f"cannot open {args.json}: {exc.strerror}")
     log = Log(text=None if args.quiet else sys.stderr, json_out=json_out, dump=args.hexdump)
 
-    early_stop: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: early_stop.append(signum))
+    signals = StopSignals(usr_signals=False)
     try:
         sock = listen(listen_addr)
     except (OSError, ValueError) as exc:
+        if json_out is not None and json_out is not sys.stdout:
+            json_out.close()
         fail(f"bad listen address {listen_addr}: {exc}")
-    inode: int | None = None
-    if listen_addr.kind == "unix":
-        with contextlib.suppress(OSError):
-            inode = os.lstat(listen_addr.path).st_ino
+    inode = socket_file_inode(listen_addr)
     loop = asyncio.new_event_loop()
     try:
         snoop = SnoopServer(sock, server_addr, log)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, snoop.stop)
-        if not early_stop:
+        signals.attach(loop, snoop.stop)
+        if not signals.requested:
             loop.run_until_complete(snoop.serve())
     finally:
         loop.close()
         sock.close()
-        if inode is not None:
-            with contextlib.suppress(OSError):
-                st = os.lstat(listen_addr.path)
-                if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
-                    os.unlink(listen_addr.path)
+        remove_socket_file(listen_addr, inode)
         if json_out is not None and json_out is not sys.stdout:
             json_out.close()
     return 0

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import math
 import random
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from tlscache.cli.options import Parser, connect_address, int_range
+from tlscache.cli.options import Parser, connect_address
 from tlscache.distcache.address import Address
 from tlscache.distcache.aioclient import AsyncClient
 from tlscache.distcache.client import Client
@@ -107,10 +109,12 @@ class Report:
         return self.done / self.elapsed if self.elapsed > 0 else 0.0
 
     def percentile_us(self, q: float) -> float:
+        """The nearest-rank ``q`` quantile (0 < q <= 1) of the sorted latencies, in us."""
         lat = self.latencies_ns
         if not lat:
             return 0.0
-        return lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0
+        rank = max(1, math.ceil(q * len(lat)))  # 1-based: p99 of 100 samples is the 99th
+        return lat[min(rank, len(lat)) - 1] / 1000.0
 
 
 class _Shared:
@@ -165,11 +169,14 @@ def make_workers(cfg: Config) -> list[Worker]:
 
 
 def next_op(cfg: Config, worker: Worker) -> tuple[Operation, Session, object, int]:
-    """Pick a random operation and predict its answer; updates the model at issue time.
+    """Issue the worker's next random operation and predict its answer.
+
+    The model (and the issue count) is updated at issue time.
 
     Predicting at issue time keeps the model exact under pipelining, since one
     connection's requests are handled in the order they were sent.
     """
+    worker.issued += 1
     rng = worker.rng
     session = worker.sessions[rng.randrange(len(worker.sessions))]
     op = _OPS[rng.randrange(4)]
@@ -218,89 +225,81 @@ def check(op: Operation, expected: object, actual: object) -> None:
         raise Failure(f"{name} succeeded and shouldn't have!")
 
 
-# ---------------------------------------------------------------- blocking workers
+# ---------------------------------------------------------------- workers
 
 
-def _call_sync(client: Client, op: Operation, session: Session, timeout_ms: int) -> object:
+def _request(op: Operation, session: Session, timeout_ms: int) -> tuple[str, tuple[object, ...]]:
+    """The client method and its arguments for one operation (same for both clients)."""
     if op is Operation.ADD:
-        return client.add(session.sid, session.data, timeout_ms)
-    if op is Operation.GET:
-        return client.get(session.sid)
-    if op is Operation.REMOVE:
-        return client.remove(session.sid)
-    return client.have(session.sid)
+        return "add", (session.sid, session.data, timeout_ms)
+    return op.name.lower(), (session.sid,)
 
 
-def _run_sync(cfg: Config, worker: Worker, shared: _Shared) -> None:
-    clock = time.perf_counter_ns
-    lat = worker.latencies
+@contextlib.contextmanager
+def _failures(shared: _Shared) -> Iterator[None]:
+    """Turn a failed check or a failed call into the run's (first) error."""
     try:
-        with Client(
-            cfg.address, deadline_ms=CALL_DEADLINE_MS, persistent=cfg.persistent, pool_size=1
-        ) as client:
-            while worker.issued < worker.ops and not shared.stop:
-                op, session, expected, timeout_ms = next_op(cfg, worker)
-                worker.issued += 1
-                t0 = clock()
-                actual = _call_sync(client, op, session, timeout_ms)
-                lat.append(clock() - t0)
-                check(op, expected, actual)
-                worker.done += 1
-                shared.completed()
+        yield
     except Failure as exc:
         shared.fail(str(exc))
     except ClientError as exc:
         shared.fail(f"transaction failure ({exc})")
 
 
-# ---------------------------------------------------------------- asyncio workers
+def _finish(
+    worker: Worker, shared: _Shared, op: Operation, expected: object, actual: object, ns: int
+) -> None:
+    """Record one answered operation; raise :class:`Failure` if the answer is wrong."""
+    worker.latencies.append(ns)
+    check(op, expected, actual)
+    worker.done += 1
+    shared.completed()
 
 
-async def _call_async(
-    client: AsyncClient, op: Operation, session: Session, timeout_ms: int
-) -> object:
-    if op is Operation.ADD:
-        return await client.add(session.sid, session.data, timeout_ms)
-    if op is Operation.GET:
-        return await client.get(session.sid)
-    if op is Operation.REMOVE:
-        return await client.remove(session.sid)
-    return await client.have(session.sid)
+def _run_sync(cfg: Config, worker: Worker, shared: _Shared) -> None:
+    """A blocking worker: one operation at a time on its own :class:`Client`."""
+    clock = time.perf_counter_ns
+    with (
+        _failures(shared),
+        Client(
+            cfg.address, deadline_ms=CALL_DEADLINE_MS, persistent=cfg.persistent, pool_size=1
+        ) as client,
+    ):
+        while worker.issued < worker.ops and not shared.stop:
+            op, session, expected, timeout_ms = next_op(cfg, worker)
+            method, args = _request(op, session, timeout_ms)
+            t0 = clock()
+            actual = getattr(client, method)(*args)
+            _finish(worker, shared, op, expected, actual, clock() - t0)
 
 
 async def _lane(cfg: Config, client: AsyncClient, worker: Worker, shared: _Shared) -> None:
     """One in-flight slot of a pipelined worker; all lanes share the worker's model."""
     clock = time.perf_counter_ns
-    lat = worker.latencies
-    try:
+    with _failures(shared):
         while worker.issued < worker.ops and not shared.stop:
             op, session, expected, timeout_ms = next_op(cfg, worker)
-            worker.issued += 1
+            method, args = _request(op, session, timeout_ms)
             t0 = clock()
-            actual = await _call_async(client, op, session, timeout_ms)
-            lat.append(clock() - t0)
-            check(op, expected, actual)
-            worker.done += 1
-            shared.completed()
-    except Failure as exc:
-        shared.fail(str(exc))
-    except ClientError as exc:
-        shared.fail(f"transaction failure ({exc})")
+            actual = await getattr(client, method)(*args)
+            _finish(worker, shared, op, expected, actual, clock() - t0)
 
 
 async def _run_async_worker(cfg: Config, worker: Worker, shared: _Shared) -> None:
-    try:
+    with _failures(shared):
         async with AsyncClient(cfg.address, deadline_ms=CALL_DEADLINE_MS) as client:
             await asyncio.gather(*(_lane(cfg, client, worker, shared) for _ in range(cfg.pipeline)))
-    except ClientError as exc:
-        shared.fail(f"transaction failure ({exc})")
 
 
 async def _run_async(cfg: Config, workers: list[Worker], shared: _Shared) -> None:
     bar = asyncio.ensure_future(_bar_async(cfg, workers, shared)) if cfg.bar else None
-    await asyncio.gather(*(_run_async_worker(cfg, w, shared) for w in workers))
-    if bar is not None:
-        bar.cancel()
+    try:
+        await asyncio.gather(*(_run_async_worker(cfg, w, shared) for w in workers))
+    finally:
+        if bar is not None:
+            bar.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bar  # the bar is cleared before the summary is printed
 
 
 # ---------------------------------------------------------------- progress bar
@@ -388,10 +387,15 @@ def run(cfg: Config) -> Report:
     if timer is not None:
         timer.cancel()
     latencies = sorted(itertools.chain.from_iterable(w.latencies for w in workers))
+    done = sum(w.done for w in workers)
+    if shared.error is None and not shared.timed_out and done < cfg.ops:
+        # A worker thread died of something unforeseen (its traceback is on stderr):
+        # never call a run complete that did not check every operation.
+        shared.fail(f"only {done} of {cfg.ops} operations were checked")
     return Report(
         sessions=total_sessions,
         ops=cfg.ops,
-        done=sum(w.done for w in workers),
+        done=done,
         elapsed=elapsed,
         latencies_ns=latencies,
         error=shared.error,
@@ -400,109 +404,64 @@ def run(cfg: Config) -> Report:
     )
 
 
+#: The numeric switches: (switch, metavar, lowest, highest, default, help).
+_NUMBERS: Final[tuple[tuple[str, str, int, int, int | None, str], ...]] = (
+    ("-sessions", "N", 1, 512, 10, "sessions per worker, 1..512 (default 10)"),
+    ("-ops", "N", 1, MAX_OPS, None, "operations in all, <= 1000000 (default 10 x sessions^2)"),
+    ("-datamin", "N", 4, 4096, 50, "minimum session size in bytes, >= 4 (default 50)"),
+    ("-datamax", "N", 4, 4096, 2100, "maximum session size in bytes, <= 4096 (default 2100)"),
+    ("-idmin", "N", 1, MAX_ID_LEN, 10, "minimum session id length (default 10)"),
+    ("-idmax", "N", 1, MAX_ID_LEN, 63, "maximum session id length, <= 64 (default 63)"),
+    ("-timeout", "S", 0, 3600, 60, "mean ADD timeout in seconds, <= 3600 (default 60)"),
+    ("-timevar", "S", 0, 3600, 5, "ADD timeout jitter in seconds, < timeout (default 5)"),
+)
+_EXTRA_NUMBERS: Final[tuple[tuple[str, str, int, int, int | None, str], ...]] = (
+    ("-progress", "N", 0, MAX_OPS, 0, "print the operation count every N operations"),
+    (
+        "-concurrency",
+        "N",
+        1,
+        256,
+        1,
+        "independent workers, each with its own sessions and connection (default 1)",
+    ),
+    (
+        "-pipeline",
+        "D",
+        1,
+        4096,
+        0,
+        "requests in flight per connection, via asyncio (implies -persistent)",
+    ),
+    ("-seed", "N", 0, 2**63, None, "random seed, for a reproducible run"),
+)
+
+
+def _add_numbers(p: Parser, specs: Sequence[tuple[str, str, int, int, int | None, str]]) -> None:
+    for switch, metavar, lo, hi, default, text in specs:
+        p.add_number(switch, lo, hi, default, text, metavar=metavar)
+
+
 def _parser() -> Parser:
     p = Parser(
         "dc_test",
         "Random correctness and load test for a distcache server.\n"
         "Checks every answer against a model of what the cache must hold.",
     )
-    arg = p.add_argument
-    arg(
+    p.add_argument(
         "-connect",
         metavar="ADDR",
         type=connect_address,
         required=True,
         help="server address (IP:host:port or UNIX:path); required",
     )
-    arg(
-        "-sessions",
-        metavar="N",
-        type=int_range(1, 512),
-        default=10,
-        help="sessions per worker, 1..512 (default 10)",
-    )
-    arg(
-        "-ops",
-        metavar="N",
-        type=int_range(1, MAX_OPS),
-        default=None,
-        help="operations in all, <= 1000000 (default 10 x sessions^2)",
-    )
-    arg(
-        "-datamin",
-        metavar="N",
-        type=int_range(4, 4096),
-        default=50,
-        help="minimum session size in bytes, >= 4 (default 50)",
-    )
-    arg(
-        "-datamax",
-        metavar="N",
-        type=int_range(4, 4096),
-        default=2100,
-        help="maximum session size in bytes, <= 4096 (default 2100)",
-    )
-    arg(
-        "-idmin",
-        metavar="N",
-        type=int_range(1, MAX_ID_LEN),
-        default=10,
-        help="minimum session id length (default 10)",
-    )
-    arg(
-        "-idmax",
-        metavar="N",
-        type=int_range(1, MAX_ID_LEN),
-        default=63,
-        help="maximum session id length, <= 64 (default 63)",
-    )
-    arg(
-        "-timeout",
-        metavar="S",
-        type=int_range(0, 3600),
-        default=60,
-        help="mean ADD timeout in seconds, <= 3600 (default 60)",
-    )
-    arg(
-        "-timevar",
-        metavar="S",
-        type=int_range(0, 3600),
-        default=5,
-        help="ADD timeout jitter in seconds, < timeout (default 5)",
-    )
-    arg(
+    _add_numbers(p, _NUMBERS)
+    p.add_argument(
         "-persistent",
         action="store_true",
         help="one connection per worker instead of one per operation",
     )
-    arg(
-        "-progress",
-        metavar="N",
-        type=int_range(0, MAX_OPS),
-        default=0,
-        help="print the operation count every N operations",
-    )
-    arg(
-        "-concurrency",
-        metavar="N",
-        type=int_range(1, 256),
-        default=1,
-        help="independent workers, each with its own sessions and connection (default 1)",
-    )
-    arg(
-        "-pipeline",
-        metavar="D",
-        type=int_range(1, 4096),
-        default=0,
-        help="requests in flight per connection, via asyncio (implies -persistent)",
-    )
-    arg(
-        "-seed",
-        metavar="N",
-        type=int_range(0, 2**63),
-        default=None,
-        help="random seed, for a reproducible run",
-    )
+    _add_numbers(p, _EXTRA_NUMBERS)
     return p
 
 

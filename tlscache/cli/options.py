@@ -33,6 +33,14 @@ class Parser(argparse.ArgumentParser):
             "-h", "-help", "-?", "--help", action="help", help="show this help and exit"
         )
 
+    def add_number(
+        self, switch: str, lo: int, hi: int, default: int | None, help: str, metavar: str = "N"
+    ) -> None:
+        """A switch taking a strict decimal integer in [lo, hi] (see :func:`int_range`)."""
+        self.add_argument(
+            switch, metavar=metavar, type=int_range(lo, hi), default=default, help=help
+        )
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(1, f"Error, {message}\n")
@@ -78,6 +86,29 @@ def connect_address(text: str) -> Address:
     if not addr.connectable:
         raise argparse.ArgumentTypeError(f"{text!r} is a listen-only address; give IP:host:port")
     return addr
+
+
+def add_server_option(parser: Parser, help: str) -> None:
+    """``-server``/``-connect ADDR``, the upstream of dc_client and dc_snoop."""
+    parser.add_argument(
+        "-server",
+        "-connect",
+        dest="server",
+        metavar="ADDR",
+        action="append",
+        type=connect_address,
+        help=help,
+    )
+
+
+def one_server(args: argparse.Namespace) -> Address:
+    """The one ``-server``/``-connect`` address (exit 1 if it is missing or repeated, as C)."""
+    servers: list[Address] | None = args.server
+    if not servers:
+        fail("no server specified!")
+    if len(servers) > 1:
+        fail("-server/-connect given more than once")
+    return servers[0]
 
 
 def fail(message: str, status: int = 1) -> NoReturn:

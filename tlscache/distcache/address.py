@@ -108,8 +108,10 @@ def _tune(sock: socket.socket) -> None:
 
 
 def _resolve(addr: Address) -> tuple[int, tuple[str, int] | tuple[str, int, int, int]]:
-    host = addr.host if addr.host is not None else ("::" if addr.family == socket.AF_INET6 else "")
-    infos = socket.getaddrinfo(host or None, addr.port, addr.family, socket.SOCK_STREAM)
+    # No host: the wildcard address. AI_PASSIVE makes getaddrinfo say so (0.0.0.0);
+    # without it a missing host means loopback.
+    flags = socket.AI_PASSIVE if addr.host is None else 0
+    infos = socket.getaddrinfo(addr.host, addr.port, addr.family, socket.SOCK_STREAM, 0, flags)
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise AddressError(f"cannot resolve {addr}")
     family, _, _, _, sockaddr = infos[0]
@@ -121,7 +123,12 @@ def connect(addr: Address, timeout: float | None = None) -> socket.socket:
     if not addr.connectable:
         raise AddressError(f"cannot connect to the wildcard address {addr}")
     if addr.kind == "fd":
-        sock = socket.socket(fileno=os.dup(addr.fd))
+        fd = os.dup(addr.fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
     elif addr.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -166,8 +173,10 @@ def listen(
                 raise AddressError(f"{addr.path} exists and is not a socket; not replacing it")
             os.unlink(addr.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
         try:
             sock.bind(addr.path)
+            bound = True
             if owner is not None or group is not None:
                 import grp
                 import pwd
@@ -180,6 +189,9 @@ def listen(
             sock.listen(backlog)
         except BaseException:
             sock.close()
+            if bound:  # do not leave a socket file nobody listens on
+                with contextlib.suppress(OSError):
+                    os.unlink(addr.path)
             raise
         return sock
     family, sockaddr = _resolve(addr)

@@ -245,6 +245,11 @@ class AsyncClient:
         return client
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
     def in_flight(self) -> int:
         """Requests sent whose replies have not arrived yet (timed-out ones included)."""
         return len(self._proto.pending) if self._proto is not None else 0
@@ -311,15 +316,20 @@ class AsyncClient:
             return proto
         if self._closed:
             raise ClientError("client is closed")
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(_open(self.address))
+        task = self._connecting
+        if task is None or (task.done() and not _usable(task)):
+            # A connect that outlived its caller's deadline is used once it is done.
+            task = self._connecting = asyncio.ensure_future(_open(self.address))
         try:
             async with asyncio.timeout_at(deadline):
-                proto = await asyncio.shield(self._connecting)
+                proto = await asyncio.shield(task)
         except TimeoutError:
             raise ClientTimeout(f"connect to {self.address} timed out") from None
         except OSError as exc:
             raise ClientError(f"cannot connect to {self.address}: {exc}") from exc
+        if self.closed:  # close() ran while we waited
+            proto.close(ClientError("client closed"))
+            raise ClientError("client is closed")
         self._proto = proto
         return proto
 
@@ -340,6 +350,11 @@ class AsyncClient:
                 fut.cancel()
                 raise ClientTimeout(f"{self.address} is not reading requests") from None
         return check_reply(await fut, uid, operation)
+
+
+def _usable(task: asyncio.Task[_Protocol]) -> bool:
+    """True if a finished connect task holds a connection that is still up."""
+    return not task.cancelled() and task.exception() is None and not task.result().lost
 
 
 def _deadline(ms: float) -> float:

@@ -28,7 +28,13 @@ import heapq
 from collections.abc import Iterator
 from typing import Final
 
-from tlscache.distcache.protocol import ADD_PREFIX, MAX_ID_LEN, MAX_TIMEOUT_MS, Result
+from tlscache.distcache.protocol import (
+    ADD_PREFIX,
+    MAX_ID_LEN,
+    MAX_PAYLOAD,
+    MAX_TIMEOUT_MS,
+    Result,
+)
 from tlscache.exceptions import ConfigurationError, ProtocolError
 
 DEFAULT_SESSIONS: Final = 512
@@ -162,7 +168,7 @@ class SessionCache:
             return ADD_TIMEOUT_RANGE
         if not 1 <= len(session_id) <= MAX_ID_LEN:
             return ADD_ID_RANGE
-        if not data:
+        if not data or len(data) > MAX_PAYLOAD:
             return ADD_DATA_RANGE
         return self._insert(bytes(session_id), data, timeout_ms, now_ms)
 

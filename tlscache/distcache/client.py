@@ -275,9 +275,11 @@ class Client:
             conn.close()
 
     def _checkin(self, conn: _Conn) -> None:
-        if self.pool_size and not self._closed and os.getpid() == self._pid:
+        if self.pool_size and os.getpid() == self._pid:
             with self._lock:
-                if len(self._idle) < self.pool_size:
+                # Checked under the lock: a close() that emptied the pool meanwhile
+                # must not see a connection put back after it.
+                if not self._closed and len(self._idle) < self.pool_size:
                     self._idle.append(conn)
                     return
         conn.close()

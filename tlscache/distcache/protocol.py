@@ -240,16 +240,41 @@ class Decoder:
         return bool(self._buf) or bool(self._frag_parts)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        """Add received bytes; return every message they complete, in order."""
+        """Add received bytes; return every message they complete, in order.
+
+        Raises :class:`ProtocolError` at the first bad frame; the messages that
+        preceded it in ``data`` are then lost (see :meth:`feed_until_error`).
+        """
         buf = self._buf
         if not buf and len(data) >= HEADER_SIZE:
             # Fast path: parse straight from the caller's buffer, copy only the tail.
-            return self._parse(data, True)
+            return self._parse(data, True, [])
         buf += data
-        return self._parse(buf, False)
+        return self._parse(buf, False, [])
 
-    def _parse(self, src: bytes | bytearray | memoryview, external: bool) -> list[Message]:
+    def feed_until_error(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[Message], ProtocolError | None]:
+        """:meth:`feed` that also returns the messages completed before bad input.
+
+        The result is ``(messages, error)``; after an error the decoder is
+        unusable, but a server can still answer the requests that preceded it.
+        """
         messages: list[Message] = []
+        try:
+            buf = self._buf
+            if not buf and len(data) >= HEADER_SIZE:
+                self._parse(data, True, messages)
+            else:
+                buf += data
+                self._parse(buf, False, messages)
+        except ProtocolError as exc:
+            return messages, exc
+        return messages, None
+
+    def _parse(
+        self, src: bytes | bytearray | memoryview, external: bool, messages: list[Message]
+    ) -> list[Message]:
         pos = 0
         end = len(src)
         unpack = HEADER.unpack_from

@@ -3,8 +3,8 @@
 Differences from the C server, all deliberate:
 
 * bad input (wrong protocol version, garbage, malformed frames) closes only
-  that connection, logged once with the peer and the reason; the process never
-  aborts;
+  that connection, logged once with the peer and the reason, after the answers
+  to the requests before it have been sent; the process never aborts;
 * pipelined requests are all answered, in order, whatever their size;
 * a request followed by a half-close is answered before the connection closes;
 * a frame is complete only when all ``14 + data_len`` bytes are there;
@@ -31,10 +31,11 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, cast
 
 from tlscache.distcache.address import Address, listen, parse_address
 from tlscache.distcache.cache import SessionCache
+from tlscache.distcache.loops import LoopKind, loop_factory
 from tlscache.distcache.service import CacheService, ServerConnection
 
 log = logging.getLogger("tlscache.dc_server")
@@ -44,8 +45,6 @@ DEFAULT_READ_TIMEOUT: Final = 30.0
 STATS_INTERVAL: Final = 1.0
 # A flood of bad connections must not turn into a flood of log lines (or block on stderr).
 MAX_WARNINGS_PER_SECOND: Final = 50
-
-LoopKind = Literal["auto", "asyncio", "uvloop"]
 
 
 def now_ms() -> int:
@@ -62,20 +61,6 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             return target
     return soft
-
-
-def loop_factory(kind: LoopKind = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
-    """An event loop factory: uvloop when asked for or (``auto``) when installed."""
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise
-        else:
-            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-            return factory
-    return asyncio.new_event_loop
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -244,7 +229,7 @@ class _Connection(asyncio.Protocol):
         idle = time.monotonic() - self._last_rx
         if idle >= timeout:
             if self._write_paused:
-                self._drop(f"peer has not read its responses for {idle:.1f} s")
+                self._drop(f"peer has not read its responses for {idle:.1f} s", flush=False)
             else:
                 self._drop(
                     f"stalled for {idle:.1f} s inside a message "
@@ -254,18 +239,28 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._stall_timer = loop.call_later(timeout - idle, self._check_stall)
 
-    def _drop(self, reason: str) -> None:
-        """Close this connection because of the peer, logging it exactly once."""
+    def _drop(self, reason: str, *, flush: bool = True) -> None:
+        """Close this connection because of the peer, logging it exactly once.
+
+        With ``flush`` the answers to the requests before the bad input still go
+        out, but a peer that does not take them within ``read_timeout`` is cut off.
+        """
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self._server.dropped += 1
-        self._server.warn("Warning, closing connection from %s: %s", _peer(transport), reason)
+        server = self._server
+        server.dropped += 1
+        server.warn("Warning, closing connection from %s: %s", _peer(transport), reason)
         self._cancel_stall_timer()
-        if transport.get_write_buffer_size():
-            transport.abort()
-        else:
+        if not transport.get_write_buffer_size():
             transport.close()
+        elif flush and server.read_timeout is not None:
+            transport.close()
+            # connection_lost cancels this once the answers are out.
+            loop = asyncio.get_running_loop()
+            self._stall_timer = loop.call_later(server.read_timeout, transport.abort)
+        else:
+            transport.abort()
 
 
 class Server:
@@ -441,7 +436,11 @@ async def serve(
     ``options`` go to :class:`Server`. Returns the (closed) server for its counters.
     """
     server = Server(cache, **options)
-    await server.start(listen_addresses)
+    try:
+        await server.start(listen_addresses)
+    except BaseException:
+        await server.close()  # the listeners started before the failure
+        raise
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []

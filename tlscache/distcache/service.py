@@ -124,6 +124,7 @@ class ServerConnection:
     __slots__ = (
         "_backlog",
         "_decoder",
+        "_failure",
         "_queued",
         "_service",
         "busy",
@@ -139,6 +140,9 @@ class ServerConnection:
         self._decoder: Decoder | None = None
         self.output_budget = output_budget
         self.error: ProtocolError | None = None
+        # A bad frame seen after requests that still wait for the output budget:
+        # it becomes ``error`` once they are answered.
+        self._failure: ProtocolError | None = None
         # True while part of a frame or of a multi-frame message is buffered.
         self.partial = False
         # True while received requests wait for the output budget (see class doc).
@@ -194,9 +198,11 @@ class ServerConnection:
         if self._queued:
             size = self._answer_queued(now_ms, out, 0)
             if self._queued:
-                if data:
+                if data and self._failure is None:
                     self._backlog += bytes(data)
                 return
+            if self._failure is not None:
+                return  # nothing after the bad frame counts
         if self._backlog:
             data = self._backlog + bytes(data)
             self._backlog = b""
@@ -258,13 +264,14 @@ class ServerConnection:
         decoder = self._decoder
         if decoder is None:
             decoder = self._decoder = Decoder(expect_response=False)
-        try:
-            self._queued = decoder.feed(rest)
-        except ProtocolError as exc:
-            # Whatever the decoder completed before the bad frame is lost with it.
-            self.error = exc
-            return
-        self.partial = decoder.in_message
+        self._queued, failure = decoder.feed_until_error(rest)
+        if failure is None:
+            self.partial = decoder.in_message
+        else:
+            # The requests before the bad frame are still answered (budget permitting,
+            # over several calls); the error takes effect once they all are.
+            self._failure = failure
+            self.partial = False
         self._answer_queued(now_ms, out, size)
 
     def _answer_queued(self, now_ms: int, out: list[bytes], size: int) -> int:
@@ -286,7 +293,12 @@ class ServerConnection:
             size += len(answer)
             if size >= self.output_budget:
                 break
-        self._queued = queued[done:] if done < len(queued) else []
+        if done < len(queued):
+            self._queued = queued[done:]
+        else:
+            self._queued = []
+            if self._failure is not None:
+                self.error = self._failure
         return size
 
     @property
