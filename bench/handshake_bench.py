@@ -3,8 +3,8 @@
     python -m bench.handshake_bench [--count 50] [--rounds 7] [--s-time 1] [--markdown FILE]
 
 Starts a dc_server, a dc_client in front of it, and four pyOpenSSL server
-processes (``tests/openssl/tls_server.py``, one connection at a time), which
-differ only in where sessions live:
+processes (``tests/openssl/tls_server.py``), which differ only in where sessions
+live (``--writes`` picks synchronous, the default, or asynchronous session writes):
 
 * ``internal``  — OpenSSL's own in-process cache (the baseline);
 * ``memory``    — SessionCache over a MemoryStore (cost of the Python callbacks);
@@ -92,7 +92,9 @@ def make_certs(d: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def tls_server(chain: Path, key: Path, store: str, threads: int) -> Iterator[Server]:
+def tls_server(
+    chain: Path, key: Path, store: str, threads: int, writes: str = "sync"
+) -> Iterator[Server]:
     port = free_port()
     argv = [
         sys.executable,
@@ -109,6 +111,7 @@ def tls_server(chain: Path, key: Path, store: str, threads: int) -> Iterator[Ser
         "--threads",
         str(threads),
         "--no-stats",
+        f"--{writes}-writes",
     ]
     env = {"PYTHONPATH": str(ROOT)}
     with running(argv, ready=f"IP:127.0.0.1:{port}", env=env, stderr=subprocess.DEVNULL) as proc:
@@ -321,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s-time-reps", type=int, default=2, help="s_time repetitions (median)")
     p.add_argument("--s-time-clients", type=int, default=3, help="parallel s_time processes")
     p.add_argument("--threads", type=int, default=4, help="server threads")
+    p.add_argument(
+        "--writes",
+        choices=("sync", "async"),
+        default="sync",
+        help="session writes of the SessionCache servers (default: sync, the library default)",
+    )
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = p.parse_args(argv)
     if not (
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(running(argv_proxy, ready=proxy, stderr=subprocess.DEVNULL))
             wait_proxy(proxy)
             servers = {
-                m: stack.enter_context(tls_server(chain, key, stores[m], args.threads))
+                m: stack.enter_context(tls_server(chain, key, stores[m], args.threads, args.writes))
                 for m in MODES
             }
             for srv in servers.values():
@@ -425,7 +434,7 @@ def report(
 ) -> list[str]:
     out = [
         f"pyOpenSSL client, sequential, {args.count} connections x {args.rounds} rounds "
-        "per cell (median); ECDSA P-256",
+        f"per cell (median); ECDSA P-256; {args.writes} session writes",
         "",
         "| TLS | handshake | store | handshakes/s | vs internal | server CPU us/hs | resumed |",
         "|---|---|---|---:|---:|---:|---:|",

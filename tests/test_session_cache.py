@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import statistics
 import threading
@@ -12,8 +13,8 @@ from collections.abc import Callable
 import pytest
 from OpenSSL import SSL
 
-from tlscache import BreakerState, MemoryStore, SessionCache, SessionStore
-from tlscache.exceptions import ConfigurationError, StoreError, StoreTimeout
+from tlscache import BreakerState, MemoryStore, SessionCache, SessionStore, WrappingStore
+from tlscache.exceptions import ConfigurationError, SealError, StoreError, StoreTimeout
 from tlscache.session_cache import LATENCY_BUCKETS_MS, CircuitBreaker
 
 DER = b"\x30\x81\x83" + b"s" * 131  # shaped like an i2d_SSL_SESSION value
@@ -112,7 +113,7 @@ def test_async_writes_and_pending_hits() -> None:
 def test_writer_restarts_in_a_forked_child() -> None:
     """Prefork servers: the parent's writer thread does not exist in the child."""
     store = MemoryStore()
-    cache = SessionCache(store)
+    cache = SessionCache(store, async_writes=True)
     cache.on_new(b"parent", DER, 300)
     assert cache.flush(2.0)
     pid = os.fork()
@@ -135,7 +136,7 @@ def test_writer_queue_is_bounded() -> None:
     store = FlakyStore()
     store.mode = "sleep"
     store.sleep_s = 0.1
-    cache = SessionCache(store, write_queue_size=4, write_deadline_ms=1000)
+    cache = SessionCache(store, async_writes=True, write_queue_size=4, write_deadline_ms=1000)
     for i in range(20):
         cache.on_new(bytes([i]) * 8, DER, 300)
     s = cache.stats()
@@ -386,7 +387,10 @@ def _contexts() -> tuple[Callable[[], SSL.Context], Callable[[str], SSL.Context]
 
 
 def _handshake(
-    server_ctx: SSL.Context, client_ctx: SSL.Context, session: SSL.Session | None = None
+    server_ctx: SSL.Context,
+    client_ctx: SSL.Context,
+    session: SSL.Session | None = None,
+    sni: bytes | None = None,
 ) -> tuple[bool, SSL.Session]:
     """One in-memory handshake; (the server resumed, the client's session afterwards)."""
     from OpenSSL._util import lib
@@ -395,6 +399,8 @@ def _handshake(
     s.set_accept_state()
     c = SSL.Connection(client_ctx, None)
     c.set_connect_state()
+    if sni is not None:
+        c.set_tlsext_host_name(sni)
     if session is not None:
         c.set_session(session)
     done = [False, False]
@@ -486,3 +492,333 @@ def test_breaker_open_adds_under_a_millisecond_per_handshake() -> None:
     print(f"breaker open: {added * 1e6:+.1f} us per handshake vs a healthy miss")
     assert dead.calls == 1  # the first lookup; every later lookup and write was skipped
     assert dead_cache.stats().skipped >= 40
+
+
+# --------------------------------------------------------------------------- hot path
+
+
+class CountingLock:
+    """A lock that counts acquisitions (to check how often the hot path takes it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.acquired = 0
+
+    def __enter__(self) -> bool:
+        self.acquired += 1
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_a_lookup_takes_the_lock_once(present: bool) -> None:
+    store = MemoryStore()
+    if present:
+        store.store(SID, DER, 300, 1)
+    cache = SessionCache(store, async_writes=False)
+    lock = CountingLock()
+    cache._lock = lock  # type: ignore[assignment]
+    assert (cache.on_get(SID) == DER) is present
+    assert lock.acquired == 1
+    s = cache.stats()
+    assert (s.hits, s.misses, sum(s.latency_counts)) == ((1, 0, 1) if present else (0, 1, 1))
+
+
+def test_writer_drains_a_batch_per_wake_up_and_keeps_order() -> None:
+    """Writes queued while the writer is busy are done in order, without a wake-up each."""
+    store = FlakyStore()
+    store.mode = "sleep"
+    store.sleep_s = 0.05
+    cache = SessionCache(store, async_writes=True, remove_policy="delete", write_deadline_ms=1000)
+    cache.on_new(b"first", DER, 300)  # wakes the writer, which then sleeps in the store
+    time.sleep(0.01)
+    sets = 0
+    real_set = cache._wake.set
+
+    def counting_set() -> None:
+        nonlocal sets
+        sets += 1
+        real_set()
+
+    cache._wake.set = counting_set  # type: ignore[method-assign]
+    for i in range(5):
+        cache.on_new(bytes([i]) * 8, DER, 300)
+    cache.on_remove(b"\x02" * 8)  # after its write: the id ends up absent
+    assert sets == 0  # the busy writer will find them: no wake-up needed
+    assert cache.flush(3.0)
+    store.mode = "ok"
+    assert store.inner.fetch(b"\x01" * 8, 1) == DER
+    assert store.inner.fetch(b"\x02" * 8, 1) is None
+    s = cache.stats()
+    assert (s.stores, s.removes, s.pending_writes) == (6, 1, 0)
+    cache.close()
+    assert cache._writer is not None and not cache._writer.is_alive()
+
+
+def test_close_stops_an_idle_writer() -> None:
+    cache = SessionCache(MemoryStore(), async_writes=True)
+    cache.on_new(SID, DER, 300)
+    assert cache.flush(2.0)
+    time.sleep(0.01)  # the writer is asleep again
+    cache.close()
+    assert cache._writer is not None and not cache._writer.is_alive()
+
+
+def test_default_is_synchronous_writes() -> None:
+    store = MemoryStore()
+    cache = SessionCache(store)
+    assert cache.async_writes is False
+    cache.on_new(SID, DER, 300)
+    assert store.fetch(SID, 1) == DER  # in the store when the callback returns
+    assert cache._writer is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_locks_held_at_fork_do_not_deadlock_the_child() -> None:
+    """A lock held by another thread when the process forks is replaced in the child."""
+    store = MemoryStore()
+    store.store(SID, DER, 300, 1)
+    cache = SessionCache(store, async_writes=True)
+    cache.on_new(b"queued", DER, 300)
+    # As if the writer thread held them at fork time:
+    with cache._lock, cache.breaker._lock, store._lock:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            ok = False
+            try:
+                ok = cache.on_get(SID) == DER and cache.stats().pending_writes == 0
+                cache.on_new(b"child", DER, 300)
+                ok = ok and cache.flush(2.0) and store.fetch(b"child", 1) == DER
+            finally:
+                os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child deadlocked on a lock held at fork time")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    cache.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        DER + b"\x00",  # trailing bytes after the SEQUENCE
+        DER[:-1],  # truncated
+        b"\x30\x05abc",  # short form, wrong length
+        b"\x30\x80" + bytes(10),  # indefinite length (not DER)
+        b"\x30\x85" + bytes(10),  # 5 length bytes
+        b"\x30",
+    ],
+)
+def test_values_whose_der_length_does_not_fit_are_rejected(value: bytes) -> None:
+    store = MemoryStore()
+    store.store(SID, value, 300, 1)
+    cache = SessionCache(store)
+    assert cache.on_get(SID) is None
+    assert cache.stats().bad_values == 1
+
+
+def test_long_form_der_length_is_accepted() -> None:
+    big = b"\x30\x82\x04\x00" + bytes(1024)
+    store = MemoryStore()
+    store.store(SID, big, 300, 1)
+    assert SessionCache(store).on_get(SID) == big
+
+
+# --------------------------------------------------------------------------- untrusted store
+
+
+def test_stored_value_with_trailing_bytes_does_not_resume() -> None:
+    """d2i would parse the first SEQUENCE and ignore the rest; the cache refuses such values."""
+    server, client = _contexts()
+    store = MemoryStore()
+    ctx = server()
+    cache = SessionCache(store)
+    cache.install(ctx)
+    cctx = client("1.2")
+    _, sess = _handshake(ctx, cctx)
+    (sid,) = list(store._data)
+    good = store.fetch(sid, 1)
+    assert good is not None
+    store.store(sid, good + b"\x00" * 16, 60, 1)
+    assert not _handshake(ctx, cctx, sess)[0]
+    assert cache.stats().bad_values == 1
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_session_of_another_session_id_context_does_not_resume(version: str) -> None:
+    """Service A's sessions in a store shared with service B: B finds them but refuses them."""
+    server, client = _contexts()
+    store = MemoryStore()
+    a, b = server(), server()
+    SessionCache(store, session_id_context=b"service-a").install(a)
+    cache_b = SessionCache(store, session_id_context=b"service-b")
+    cache_b.install(b)
+    cctx = client(version)
+    _, sess = _handshake(a, cctx)
+    assert not _handshake(b, cctx, sess)[0]
+    assert cache_b.stats().hits == 1  # the store answered; OpenSSL refused the context
+    assert _handshake(a, cctx, sess)[0]  # still good for service A
+
+
+def test_session_of_another_protocol_version_does_not_resume() -> None:
+    """A TLS 1.2 session offered to a server that negotiates TLS 1.3 is not resumed."""
+    server, _ = _contexts()
+    store = MemoryStore()
+    a, b = server(), server()
+    a.set_max_proto_version(SSL.TLS1_2_VERSION)
+    b.set_min_proto_version(SSL.TLS1_3_VERSION)
+    cache_a, cache_b = SessionCache(store), SessionCache(store)
+    cache_a.install(a)
+    cache_b.install(b)
+    cctx = SSL.Context(SSL.TLS_CLIENT_METHOD)  # TLS 1.2 and 1.3
+    reused, sess = _handshake(a, cctx)
+    assert not reused and cache_a.stats().stores == 1
+    assert _handshake(a, cctx, sess)[0]  # a TLS 1.2 session, resumable where 1.2 is spoken
+    assert not _handshake(b, cctx, sess)[0]
+
+
+def test_session_past_its_own_timeout_does_not_resume() -> None:
+    """A store that keeps an entry longer than the session's lifetime cannot extend it."""
+    server, client = _contexts()
+    store = MemoryStore()
+    ctx = server()
+    cache = SessionCache(store, timeout=1)
+    cache.install(ctx)
+    cctx = client("1.2")
+    _, sess = _handshake(ctx, cctx)
+    (sid,) = list(store._data)
+    value = store.fetch(sid, 1)
+    assert value is not None
+    time.sleep(2.2)  # OpenSSL's session clock has a resolution of one second
+    store.store(sid, value, 300, 1)  # a misbehaving store: still there
+    assert not _handshake(ctx, cctx, sess)[0]
+    assert cache.stats().hits == 1
+
+
+def test_a_late_success_does_not_close_an_open_breaker() -> None:
+    """A call that started before the breaker opened and succeeds late is not the probe."""
+    clock = Clock()
+    breaker = CircuitBreaker(2, 5.0, clock=clock)
+    assert breaker.allow()  # a slow call starts while the breaker is closed
+    breaker.failure()
+    breaker.failure()
+    assert breaker.state is BreakerState.OPEN
+    breaker.success()  # ... and returns now
+    assert breaker.state is BreakerState.OPEN and not breaker.allow()
+    clock.now += 5.1
+    assert breaker.allow()  # the single probe
+    assert not breaker.allow()
+    breaker.success()
+    assert breaker.state is BreakerState.CLOSED
+
+
+class LeakyStore(MemoryStore):
+    """A store whose errors quote the value (as a careless store might)."""
+
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
+        raise ValueError(f"cannot store {value!r} ({value.hex()})")
+
+    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
+        raise ValueError(f"bad entry {DER!r} ({DER.hex()})")
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_store_errors_never_log_session_bytes(
+    async_writes: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = SessionCache(LeakyStore(), async_writes=async_writes)
+    with caplog.at_level(logging.DEBUG, logger="tlscache"):
+        cache.on_new(SID, DER, 300)
+        cache.flush(2.0)
+        assert cache.on_get(SID) is None
+    text = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert caplog.records and not any(r.exc_info for r in caplog.records)
+    assert "ValueError at test_session_cache.py:" in text
+    for secret in (DER.hex(), repr(DER), "sss"):
+        assert secret not in text
+    cache.close()
+
+
+class SealingStore(WrappingStore):
+    """A stand-in for a sealing wrapper: values carry a tag; a wrong tag fails to open."""
+
+    TAG = b"sealed:"
+
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
+        self.inner.store(session_id, self.TAG + value, ttl_s, deadline_s)
+
+    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
+        value = self.inner.fetch(session_id, deadline_s)
+        if value is None:
+            return None
+        if not value.startswith(self.TAG):
+            raise SealError("value does not authenticate")
+        return value[len(self.TAG) :]
+
+
+def test_a_sealing_wrapper_slots_in_and_its_rejections_are_bad_values() -> None:
+    inner = MemoryStore()
+    cache = SessionCache(SealingStore(inner), breaker_threshold=1)
+    cache.on_new(SID, DER, 300)
+    assert inner.fetch(SID, 1) == SealingStore.TAG + DER  # the store only sees sealed values
+    assert cache.on_get(SID) == DER
+    for _ in range(3):
+        inner.store(SID, DER, 300, 1)  # planted without the seal
+        assert cache.on_get(SID) is None
+    s = cache.stats()
+    assert (s.hits, s.misses, s.bad_values, s.errors) == (1, 3, 3, 0)
+    assert s.breaker_state == "closed"  # planted garbage does not open the breaker
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_writes_after_close_are_dropped_lookups_still_work(async_writes: bool) -> None:
+    store = MemoryStore()
+    cache = SessionCache(store, async_writes=async_writes, remove_policy="delete")
+    cache.on_new(SID, DER, 300)
+    cache.close()
+    cache.on_new(b"late", DER, 300)
+    cache.on_remove(SID)
+    assert store.fetch(b"late", 1) is None and store.fetch(SID, 1) == DER
+    assert cache.on_get(SID) == DER
+    s = cache.stats()
+    assert (s.stores, s.writes_dropped, s.remove_errors, s.hits) == (1, 1, 1, 1)
+
+
+def test_cipher_policy_is_bound_by_the_session_id_context() -> None:
+    """OpenSSL resumes a TLS 1.2 session whose cipher the resuming server no longer allows;
+    only a different session id context per cipher policy stops it (documented)."""
+    server, client = _contexts()
+    store = MemoryStore()
+    old, new_same_ctx, new_own_ctx = server(), server(), server()
+    old.set_cipher_list(b"ECDHE-ECDSA-AES128-GCM-SHA256")
+    for ctx in (new_same_ctx, new_own_ctx):
+        ctx.set_cipher_list(b"ECDHE-ECDSA-AES256-GCM-SHA384")
+    SessionCache(store, session_id_context=b"svc/policy-1").install(old)
+    SessionCache(store, session_id_context=b"svc/policy-1").install(new_same_ctx)
+    SessionCache(store, session_id_context=b"svc/policy-2").install(new_own_ctx)
+    cctx = client("1.2")
+    _, sess = _handshake(old, cctx)
+    # OpenSSL's behaviour, pinned here because the documentation relies on it:
+    assert _handshake(new_same_ctx, cctx, sess)[0]
+    assert not _handshake(new_own_ctx, cctx, sess)[0]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_resumption_is_not_bound_to_the_server_name(version: str) -> None:
+    """OpenSSL resumes a session made for one SNI name under another on the same Context
+    (pinned because the documentation relies on it: vhosts need their own context)."""
+    server, client = _contexts()
+    ctx = server()
+    SessionCache(MemoryStore()).install(ctx)
+    cctx = client(version)
+    _, sess = _handshake(ctx, cctx, sni=b"a.example")
+    assert _handshake(ctx, cctx, sess, sni=b"b.example")[0]

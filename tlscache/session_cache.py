@@ -11,8 +11,9 @@ fail and to cost little when the store misbehaves:
 * every store call has a deadline, and a store error or timeout is a miss;
 * a circuit breaker stops calling a store that keeps failing, so a dead cache
   costs one timeout per cool-down period rather than one per handshake;
-* new sessions are written by a bounded background writer, so the handshake
-  thread never waits for the store on ``new``;
+* new sessions are written inside the callback with a short deadline (the
+  cheapest hand-off there is), or by a bounded background writer thread with
+  ``async_writes=True`` when a handshake must never wait for a write;
 * ``remove`` is ignored by default (see :data:`RemovePolicy`).
 """
 
@@ -22,15 +23,16 @@ import bisect
 import enum
 import logging
 import os
-import queue
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tlscache.exceptions import ConfigurationError, StoreError, StoreTimeout
-from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore
+from tlscache.exceptions import ConfigurationError, SealError, StoreError, StoreTimeout
+from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore, describe_error
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -119,6 +121,9 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         return self._state
 
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # the parent's may have been held at fork time
+
     def allow(self) -> bool:
         """Whether the caller may use the store now."""
         if self._state is BreakerState.CLOSED:
@@ -140,10 +145,14 @@ class CircuitBreaker:
         return True
 
     def success(self) -> None:
+        """A store call succeeded. Closes a half-open breaker; an open one stays open (the
+        call started before the breaker opened: only the probe may close it)."""
         if self._state is BreakerState.CLOSED and self._failures == 0:
             return
         with self._lock:
-            if self._state is not BreakerState.CLOSED:
+            if self._state is BreakerState.OPEN:
+                return
+            if self._state is BreakerState.HALF_OPEN:
                 log.info("session store recovered; circuit breaker closed")
             self._state = BreakerState.CLOSED
             self._failures = 0
@@ -216,6 +225,20 @@ def _quantile(counts: list[int], q: float, max_ms: float) -> float:
     return max_ms
 
 
+def _der_sequence_fits(value: bytes) -> bool:
+    """True if ``value`` is one DER SEQUENCE whose length header covers exactly ``value``."""
+    n = len(value)
+    if n < 2 or value[0] != _DER_SEQUENCE:
+        return False
+    first = value[1]
+    if first < 0x80:
+        return 2 + first == n
+    k = first & 0x7F
+    if not 1 <= k <= 4 or n < 2 + k:
+        return False
+    return 2 + k + int.from_bytes(value[2 : 2 + k], "big") == n
+
+
 def _as_bytes(value: object) -> bytes | None:
     """A store's answer as bytes; a wrong type becomes b"" (rejected as implausible)."""
     if value is None or type(value) is bytes:
@@ -227,6 +250,18 @@ def _as_bytes(value: object) -> bytes | None:
 
 _Write = tuple[bytes, bytes, float] | tuple[bytes, None, float]  # (id, value or None=delete, ttl)
 
+#: Every SessionCache and CircuitBreaker of this process, for the fork handler.
+_live_caches: weakref.WeakSet[SessionCache] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for cache in list(_live_caches):
+        cache._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
 
 class SessionCache:
     """OpenSSL session callbacks backed by a shared :class:`SessionStore`.
@@ -235,8 +270,12 @@ class SessionCache:
     and the upper bound of a stored entry's TTL. ``deadline_ms`` bounds each
     lookup (``write_deadline_ms``, default the same, each write). The breaker
     opens after ``breaker_threshold`` consecutive failures and probes again
-    ``breaker_reset_s`` later. With ``async_writes`` (default) new sessions go
-    through a queue of ``write_queue_size`` to one writer thread.
+    ``breaker_reset_s`` later. New sessions are written inside the callback; with
+    ``async_writes=True`` they go to one writer thread instead, through a queue of at
+    most ``write_queue_size`` writes not yet done.
+
+    A store must honour the deadline it is given: a call that blocks stalls the
+    handshake that made it (see ``docs/session-cache.md``).
 
     One SessionCache may serve several Contexts. It never raises into OpenSSL:
     every failure becomes a miss (lookup) or a dropped write, and is counted.
@@ -253,7 +292,7 @@ class SessionCache:
         breaker_reset_s: float = 5.0,
         remove_policy: RemovePolicy = "ignore",
         session_id_context: bytes | None = None,
-        async_writes: bool = True,
+        async_writes: bool = False,
         write_queue_size: int = 1024,
         stateful_tls13_tickets: bool = True,
         num_tickets: int | None = None,
@@ -286,14 +325,17 @@ class SessionCache:
         self._hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._max_ms = 0.0
         self._closed = False
-        # Writer state; (re)created lazily, and again in a forked child.
+        # Writer state; the thread starts lazily, and again in a forked child.
         self._pid = -1
-        self._queue: queue.Queue[_Write | None] = queue.Queue(write_queue_size)
+        self._items: deque[_Write | None] = deque()  # None: stop (from close())
+        self._wake = threading.Event()
+        self._writer_waiting = True  # the writer sleeps (or is not started): wake it
         self._pending: dict[bytes, bytes] = {}
-        self._inflight = 0
+        self._inflight = 0  # queued + being written
         self._idle = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        _live_caches.add(self)
 
     # ------------------------------------------------------------ setup
 
@@ -318,25 +360,27 @@ class SessionCache:
     # ------------------------------------------------------------ OpenSSL callbacks
 
     def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
-        """OpenSSL negotiated a session: store it (in the background by default)."""
+        """OpenSSL negotiated a session: store it (now, or via the writer thread)."""
         try:
             if not 0 < len(session_id) <= MAX_ID_LEN or not 0 < len(der) <= MAX_VALUE_LEN:
                 self._count("writes_dropped")
                 return
             ttl = float(min(timeout_s, self.timeout) if timeout_s > 0 else self.timeout)
-            if self.async_writes:
+            if self._closed:
+                self._count("writes_dropped")
+            elif self.async_writes:
                 self._enqueue((bytes(session_id), bytes(der), ttl))
             else:
                 self._write(bytes(session_id), bytes(der), ttl)
-        except Exception:  # pragma: no cover - defensive: nothing may reach OpenSSL
-            log.exception("unexpected error in the new-session callback")
+        except Exception as exc:  # pragma: no cover - defensive: nothing may reach OpenSSL
+            log.error("unexpected error in the new-session callback: %s", describe_error(exc))
 
     def on_get(self, session_id: bytes) -> bytes | None:
         """A client offers ``session_id``: its DER from the store, or None for a full handshake."""
         try:
             return self._lookup(bytes(session_id))
-        except Exception:  # pragma: no cover - defensive
-            log.exception("unexpected error in the get-session callback")
+        except Exception as exc:  # pragma: no cover - defensive
+            log.error("unexpected error in the get-session callback: %s", describe_error(exc))
             return None
 
     def on_remove(self, session_id: bytes) -> None:
@@ -346,12 +390,14 @@ class SessionCache:
                 self._count("removes_ignored")
                 return
             key = bytes(session_id)
-            if self.async_writes:
+            if self._closed:
+                self._count("remove_errors")
+            elif self.async_writes:
                 self._enqueue((key, None, 0.0))
             else:
                 self._write(key, None, 0.0)
-        except Exception:  # pragma: no cover - defensive
-            log.exception("unexpected error in the remove-session callback")
+        except Exception as exc:  # pragma: no cover - defensive
+            log.error("unexpected error in the remove-session callback: %s", describe_error(exc))
 
     # ------------------------------------------------------------ lookups
 
@@ -365,59 +411,63 @@ class SessionCache:
             return None
         start = time.perf_counter()
         try:
-            value = self.store.fetch(session_id, self.deadline_s)
+            value = _as_bytes(self.store.fetch(session_id, self.deadline_s))
         except StoreTimeout:
-            self._observe(start)
             self.breaker.failure()
-            self._count("timeouts")
+            self._record(start, "timeouts")
+            return None
+        except SealError:
+            # The store answered, with a value that does not authenticate (a sealing
+            # wrapper's verdict): a rejected value, not a failing store.
+            self.breaker.success()
+            self._record(start, "misses", "bad_values")
             return None
         except StoreError as exc:
-            self._observe(start)
             self.breaker.failure()
-            self._count("errors")
+            self._record(start, "errors")
             log.debug("session lookup failed: %s", type(exc).__name__)
             return None
-        except Exception:
-            self._observe(start)
+        except Exception as exc:
             self.breaker.failure()
-            self._count("errors")
-            log.warning("session store raised an unexpected error on fetch", exc_info=True)
+            self._record(start, "errors")
+            log.warning(
+                "session store raised an unexpected error on fetch: %s", describe_error(exc)
+            )
             return None
-        elapsed = self._observe(start)
-        value = _as_bytes(value)
+        elapsed = time.perf_counter() - start
+        if value is not None and not self._plausible(value):
+            value = None
+            outcome: tuple[str, ...] = ("misses", "bad_values")
+        else:
+            outcome = ("misses",) if value is None else ("hits",)
         if elapsed > self.deadline_s * _LATE_FACTOR:
             # The store ignored its deadline: use the answer, but treat it as a timeout
             # so that a store that blocks keeps the breaker informed.
             self.breaker.failure()
-            self._count("timeouts")
-            return value if value is not None and self._plausible(value) else None
+            self._record(start, "timeouts", elapsed=elapsed)
+            return value
         self.breaker.success()
-        if value is None:
-            self._count("misses")
-            return None
-        if not self._plausible(value):
-            self._count("misses", "bad_values")
-            return None
-        self._count("hits")
+        self._record(start, *outcome, elapsed=elapsed)
         return value
 
     @staticmethod
-    def _plausible(value: object) -> bool:
-        """Cheap check before OpenSSL parses it: DER SEQUENCE of sane size. d2i decides."""
-        return (
-            isinstance(value, bytes)
-            and 2 <= len(value) <= MAX_VALUE_LEN
-            and value[0] == _DER_SEQUENCE
-        )
+    def _plausible(value: bytes) -> bool:
+        """Cheap check before OpenSSL parses it: one DER SEQUENCE of sane size. d2i decides."""
+        return len(value) <= MAX_VALUE_LEN and _der_sequence_fits(value)
 
-    def _observe(self, start: float) -> float:
-        elapsed = time.perf_counter() - start
+    def _record(self, start: float, *names: str, elapsed: float | None = None) -> float:
+        """Count a finished lookup: latency histogram and counters under one lock."""
+        if elapsed is None:
+            elapsed = time.perf_counter() - start
         ms = elapsed * 1000.0
         index = bisect.bisect_left(LATENCY_BUCKETS_MS, ms)
+        c = self._c
         with self._lock:
             self._hist[index] += 1
             if ms > self._max_ms:
                 self._max_ms = ms
+            for name in names:
+                c[name] += 1
         return elapsed
 
     # ------------------------------------------------------------ writes
@@ -444,7 +494,7 @@ class SessionCache:
             if isinstance(exc, StoreError):
                 log.debug("session store write failed: %s", type(exc).__name__)
             else:
-                log.warning("session store raised an unexpected error", exc_info=True)
+                log.warning("session store raised an unexpected error: %s", describe_error(exc))
             return
         if time.perf_counter() - start > self.write_deadline_s * _LATE_FACTOR:
             self.breaker.failure()
@@ -454,6 +504,8 @@ class SessionCache:
         self._count("removes" if deleting else "stores")
 
     def _enqueue(self, item: _Write) -> None:
+        """Hand a write to the writer thread: an append under the lock, and a wake-up only
+        when the writer sleeps (a busy writer drains everything queued before it sleeps)."""
         if self._closed:
             self._count("writes_dropped")
             return
@@ -461,28 +513,41 @@ class SessionCache:
             self._start_writer()
         session_id, value, _ = item
         with self._lock:
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
+            if self._inflight >= self.write_queue_size:
                 self._c["writes_dropped"] += 1
                 return
+            self._items.append(item)
             self._inflight += 1
             if value is None:
                 self._pending.pop(session_id, None)
             else:
                 self._pending[session_id] = value
+            wake = self._writer_waiting
+            self._writer_waiting = False
+        if wake:
+            self._wake.set()
+
+    def _after_fork_in_child(self) -> None:
+        """Threads do not survive fork and locks may have been held: start afresh.
+
+        Writes the parent had queued are the parent's; the child drops them.
+        """
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._start_lock = threading.Lock()
+        self._items = deque()
+        self._wake = threading.Event()
+        self._writer_waiting = True
+        self._pending = {}
+        self._inflight = 0
+        self._writer = None
+        self._pid = -1
+        self.breaker._after_fork_in_child()
 
     def _start_writer(self) -> None:
         """Start the writer thread (again, in a forked child: threads do not survive fork)."""
         if self._pid != -1 and self._pid != os.getpid():
-            # Forked child: the parent's locks may have been held at fork time; replace them.
-            self._lock = threading.Lock()
-            self._idle = threading.Condition(self._lock)
-            self._start_lock = threading.Lock()
-            self._queue = queue.Queue(self.write_queue_size)
-            self._pending = {}
-            self._inflight = 0
-            self._pid = -1
+            self._after_fork_in_child()  # only reached where os.register_at_fork is missing
         with self._start_lock:
             if self._pid == os.getpid():
                 return
@@ -493,21 +558,30 @@ class SessionCache:
             self._pid = os.getpid()
 
     def _run_writer(self) -> None:
-        q = self._queue
+        items, wake, lock = self._items, self._wake, self._lock
         while True:
-            item = q.get()
-            if item is None:
-                return
-            session_id, value, ttl = item
-            try:
-                self._write(session_id, value, ttl)
-            finally:
-                with self._lock:
-                    if value is not None and self._pending.get(session_id) is value:
-                        del self._pending[session_id]
-                    self._inflight -= 1
-                    if self._inflight == 0:
-                        self._idle.notify_all()
+            wake.wait()
+            wake.clear()
+            while True:  # drain everything queued, then sleep
+                with lock:
+                    if not items:
+                        self._writer_waiting = True
+                        break
+                    batch = list(items)
+                    items.clear()
+                for item in batch:
+                    if item is None:
+                        return
+                    session_id, value, ttl = item
+                    try:
+                        self._write(session_id, value, ttl)
+                    finally:
+                        with lock:
+                            if value is not None and self._pending.get(session_id) is value:
+                                del self._pending[session_id]
+                            self._inflight -= 1
+                            if self._inflight == 0:
+                                self._idle.notify_all()
 
     def flush(self, timeout_s: float = 1.0) -> bool:
         """Wait until every queued write is done; False if ``timeout_s`` passed first."""
@@ -517,16 +591,17 @@ class SessionCache:
             return self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout_s)
 
     def close(self, timeout_s: float = 1.0) -> None:
-        """Finish queued writes (up to ``timeout_s``) and stop the writer. The store stays open."""
+        """Finish queued writes (up to ``timeout_s``) and stop the writer; later writes are
+        dropped (``writes_dropped``), lookups still work. The store stays open."""
         self._closed = True
         writer = self._writer
         if writer is None or self._pid != os.getpid():
             return
         self.flush(timeout_s)
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
+        with self._lock:
+            self._items.append(None)
+            self._writer_waiting = False
+        self._wake.set()
         writer.join(timeout_s)
 
     # ------------------------------------------------------------ counters

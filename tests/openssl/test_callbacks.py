@@ -672,3 +672,36 @@ def test_base_exceptions_do_not_escape(
     first = handshake(sctx, cctx)
     assert not handshake(sctx, cctx, first.session).server_reused
     assert lib.ERR_peek_error() == 0
+
+
+class QuotingHandler(DictHandler):
+    """A handler whose errors quote the session's DER."""
+
+    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        super().on_new(session_id, der, timeout_s)
+        raise ValueError(f"cannot keep {der.hex()}")
+
+    def on_get(self, session_id: bytes) -> bytes | None:
+        der = self.store[session_id]
+        raise ValueError(f"refusing {der.hex()}")
+
+
+def test_callback_errors_never_log_session_bytes(
+    ca: trustme.CA, leaf: trustme.LeafCert, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tlscache.openssl import callbacks
+
+    callbacks._warn._next.clear()  # the log is rate-limited per kind across tests
+    h = QuotingHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS12)
+    with caplog.at_level(logging.DEBUG, logger="tlscache"):
+        first = handshake(sctx, cctx)
+        assert not handshake(sctx, cctx, first.session).server_reused
+    text = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "on_new failed: ValueError at test_callbacks.py:" in text
+    assert "on_get failed: ValueError at test_callbacks.py:" in text
+    assert not any(r.exc_info for r in caplog.records)
+    for _, der, _ in h.new:
+        assert der.hex() not in text and der.hex()[:32] not in text

@@ -400,3 +400,27 @@ def test_binding_replaced_on_disk_is_refused(res: Resolution, binding: Path) -> 
     image.path += " (deleted)"  # what /proc/self/maps shows after a pip upgrade
     with pytest.raises(ResolverError, match="replaced on disk"):
         resolver._loaded_file(image, checks)
+
+
+@pytest.mark.parametrize("how", ["truncate-header", "truncate-half", "truncate-tail", "scramble"])
+def test_damaged_copies_raise_resolver_errors_and_leak_no_file(
+    binding: Path, tmp_path: Path, how: str
+) -> None:
+    """Whatever pyelftools trips over becomes a ResolverError, and the file is closed."""
+    data = bytearray(binding.read_bytes())
+    if how == "truncate-header":
+        data = data[:200]
+    elif how == "truncate-half":
+        data = data[: len(data) // 2]
+    elif how == "truncate-tail":
+        data = data[:-100]
+    else:  # section header table and string tables overwritten with a pattern
+        shoff = int.from_bytes(data[0x28:0x30], "little")
+        data[shoff:] = bytes(range(7, 251)) * ((len(data) - shoff) // 244 + 1)
+        del data[len(binding.read_bytes()) :]
+    path = tmp_path / "damaged.so"
+    path.write_bytes(bytes(data))
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ResolverError):
+        resolve(path)
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -120,7 +120,7 @@ def farm(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Far
     ):
         wait_proxy_connected(proxy)
         with (
-            tls_server(certs, f"dc:{proxy}") as a,
+            tls_server(certs, f"dc:{proxy}", "--async-writes") as a,
             tls_server(certs, f"dc:{dc}", "--sync-writes") as b,
         ):
             yield Farm(dc, a, b)

@@ -83,7 +83,7 @@ def make_context(args: argparse.Namespace) -> tuple[SSL.Context, RecordingCache 
             timeout=300,
             deadline_ms=args.deadline_ms,
             breaker_reset_s=args.breaker_reset_s,
-            async_writes=not args.sync_writes,
+            async_writes=args.writes == "async",  # default: SessionCache's (synchronous)
             session_id_context=b"tlscache-test",
         )
         cache.install(ctx)
@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--store", default="none")
     p.add_argument("--tls", choices=["1.2", "1.3", "any"], default="any")
-    p.add_argument("--sync-writes", action="store_true")
+    writes = p.add_mutually_exclusive_group()
+    writes.add_argument("--sync-writes", dest="writes", action="store_const", const="sync")
+    writes.add_argument("--async-writes", dest="writes", action="store_const", const="async")
     p.add_argument("--deadline-ms", type=float, default=20.0)
     p.add_argument("--breaker-reset-s", type=float, default=5.0)
     p.add_argument("--no-stats", action="store_true", help="leave the counters out of the line")

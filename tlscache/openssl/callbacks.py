@@ -5,7 +5,8 @@ cache layer) sees plain bytes: a session id, the session's DER encoding and its 
 
 Rules the glue enforces, each learnt the hard way:
 
-* No exception ever reaches OpenSSL: a failing handler is a cache miss, logged (rate-limited).
+* No exception ever reaches OpenSSL: a failing handler is a cache miss, logged (rate-limited)
+  by type and source line only: an exception's message may hold session bytes.
 * ``get`` returns a fresh ``d2i`` session with ``*copy = 0``: OpenSSL owns that reference.
 * The cffi callback objects live as long as the ``Context``; when the ``Context`` dies the
   callbacks are first unregistered from the ``SSL_CTX``, which may outlive it (an ``SSL``
@@ -30,6 +31,7 @@ from OpenSSL import SSL
 
 from tlscache.exceptions import ConfigurationError
 from tlscache.openssl.resolver import Resolution, resolve
+from tlscache.stores.base import describe_error
 
 __all__ = [
     "DEFAULT_SESSION_ID_CONTEXT",
@@ -136,7 +138,7 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
             i2d(sess, new(uchar_pp, buf))
             on_new(sid, buffer(buf, size)[:], int(get_timeout(sess)))
         except Exception as e:
-            _warn("new", f"session cache on_new failed: {e!r}", e)
+            _warn("new", f"session cache on_new failed: {describe_error(e)}")
         return 0
 
     def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
@@ -158,7 +160,7 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
             copy[0] = 0
             return sess
         except Exception as e:
-            _warn("get", f"session cache on_get failed: {e!r}", e)
+            _warn("get", f"session cache on_get failed: {describe_error(e)}")
             return null
 
     def remove_cb(ctx: Any, sess: Any) -> None:
@@ -167,11 +169,11 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
             if sid:
                 on_remove(sid)
         except Exception as e:
-            _warn("remove", f"session cache on_remove failed: {e!r}", e)
+            _warn("remove", f"session cache on_remove failed: {describe_error(e)}")
 
     def onerror(exc_type: Any, exc_value: Any, tb: Any) -> None:
         # Only reached if the handlers above fail outside their try (e.g. MemoryError).
-        _warn("callback", f"session callback failed: {exc_value!r}")
+        _warn("callback", f"session callback failed: {type(exc_value).__name__}")
 
     return _Installed(
         handler,

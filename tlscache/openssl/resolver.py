@@ -390,7 +390,7 @@ class _ElfFile:
         except ELFError as e:
             self.close()
             raise ResolverError(f"{path}: not a readable ELF file: {e}") from None
-        except ResolverError:
+        except BaseException:  # malformed input can raise anything: never leak the file
             self.close()
             raise
 

@@ -7,18 +7,31 @@ metrics, tracing) can be slotted in without touching the OpenSSL callbacks.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 from tlscache.exceptions import StoreError
 
-__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore"]
+__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore", "describe_error"]
 
 #: The longest session id a store must accept (TLS ids are 1..32 bytes; distcache allows 64).
 MAX_ID_LEN = 64
 #: The largest value a store must accept: distcache's limit minus its 8-byte ADD header and id.
 MAX_VALUE_LEN = 32768 - 8 - MAX_ID_LEN
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc``'s type and innermost source location, for logs: never its message or
+    traceback text, which a store (or a wrapper) may have built from a session value."""
+    tb = exc.__traceback__
+    if tb is None:
+        return type(exc).__name__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    name = os.path.basename(tb.tb_frame.f_code.co_filename)
+    return f"{type(exc).__name__} at {name}:{tb.tb_lineno}"
 
 
 class SessionStore(ABC):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -13,12 +15,24 @@ from .base import SessionStore
 
 __all__ = ["MemoryStore"]
 
+_stores: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for store in list(_stores):
+        store._lock = threading.Lock()  # another thread may have held it at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
 
 class MemoryStore(SessionStore):
     """A bounded, thread-safe dict with per-entry expiry.
 
     When full, the least recently stored or fetched entry goes first (LRU).
-    Not shared between processes: a farm needs a networked store. ``clock`` is
+    Not shared between processes: a farm needs a networked store (a forked child gets
+    its own copy, with a fresh lock). ``clock`` is
     injectable so tests can move time without sleeping.
     """
 
@@ -34,6 +48,7 @@ class MemoryStore(SessionStore):
         self._lock = threading.Lock()
         self._data: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._closed = False
+        _stores.add(self)
 
     def __len__(self) -> int:
         with self._lock:
