@@ -8,17 +8,26 @@ tlscache extras.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import signal
-import stat
 import sys
 from collections.abc import Sequence
 
 from tlscache.cli.daemon import add_process_options, after_listen
-from tlscache.cli.options import Parser, address, connect_address, fail, int_range
+from tlscache.cli.options import (
+    Parser,
+    add_server_option,
+    address,
+    fail,
+    int_range,
+    one_server,
+)
+from tlscache.cli.runtime import (
+    StopSignals,
+    add_loop_option,
+    new_loop,
+    remove_socket_file,
+    socket_file_inode,
+)
 from tlscache.distcache.address import Address, listen
 from tlscache.distcache.proxy import (
     DEFAULT_MAX_CLIENTS,
@@ -59,15 +68,7 @@ def build_parser() -> Parser:
         default=None,
         help=f"local address to accept clients on (default {DEFAULT_LISTEN})",
     )
-    parser.add_argument(
-        "-server",
-        "-connect",
-        dest="server",
-        metavar="ADDR",
-        action="append",
-        type=connect_address,
-        help="the dc_server to forward to (required)",
-    )
+    add_server_option(parser, "the dc_server to forward to (required)")
     parser.add_argument(
         "-retry",
         metavar="MS",
@@ -106,46 +107,14 @@ def build_parser() -> Parser:
         default=DEFAULT_MAX_CLIENTS,
         help=f"local connections at once; more are closed (default {DEFAULT_MAX_CLIENTS})",
     )
-    parser.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop (default auto: uvloop if installed)",
-    )
+    add_loop_option(parser)
     parser.add_argument("--verbose", action="store_true", help="also log informational messages")
     return parser
 
 
-def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
-    if kind in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                fail("--loop uvloop requested but uvloop is not installed")
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
-
-
-def _remove_socket(addr: Address, inode: int | None) -> None:
-    """Remove the unix socket file we created, unless something else replaced it."""
-    if addr.kind != "unix" or inode is None:
-        return
-    with contextlib.suppress(OSError):
-        st = os.lstat(addr.path)
-        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
-            os.unlink(addr.path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.server:
-        fail("no server specified!")
-    if len(args.server) > 1:
-        fail("-server/-connect given more than once")
-    server_addr: Address = args.server[0]
+    server_addr = one_server(args)
     listen_addr: Address = args.listen or address(DEFAULT_LISTEN)
 
     handler = logging.StreamHandler(sys.stderr)
@@ -157,28 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Signals are in place before the socket is: a stop request that arrives
     # while we start up is honoured before the event loop would run.
-    early_stop: list[int] = []
-    stop_signals = [signal.SIGTERM, signal.SIGINT]
-    if args.killable:
-        stop_signals += [signal.SIGUSR1, signal.SIGUSR2]
-    else:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    for sig in stop_signals:
-        signal.signal(sig, lambda signum, frame: early_stop.append(signum))
+    signals = StopSignals(args.killable)
 
     try:
         sock = listen(listen_addr, owner=args.sockowner, group=args.sockgroup, perms=args.sockperms)
     except (OSError, ValueError, KeyError) as exc:
         fail(f"bad listen address {listen_addr}: {exc}")
-    inode: int | None = None
-    if listen_addr.kind == "unix":
-        with contextlib.suppress(OSError):
-            inode = os.lstat(listen_addr.path).st_ino
+    inode = socket_file_inode(listen_addr)
 
     try:
         after_listen(args.daemon, args.pidfile, args.user)
-        loop = _new_loop(args.loop)
+        loop = new_loop(args.loop)
         try:
             proxy = ProxyServer(
                 sock,
@@ -189,15 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_in_flight=args.max_in_flight,
                 max_clients=args.max_clients,
             )
-            for sig in stop_signals:
-                loop.add_signal_handler(sig, proxy.stop)
-            if not early_stop:
+            signals.attach(loop, proxy.stop)
+            if not signals.requested:
                 loop.run_until_complete(proxy.serve())
         finally:
             loop.close()
     finally:
         sock.close()
-        _remove_socket(listen_addr, inode)
+        remove_socket_file(listen_addr, inode)
     return 0
 
 
