@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 from . import status as status_page
 from .certs import CertPaths, ensure_demo_certs
-from .workload import WorkloadResult, run_workload, terminal_progress
+from .workload import WorkloadResult, run_workloads, terminal_progress
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 20.0
@@ -84,7 +84,17 @@ class Proc:
         rc = self.popen.poll()
         if rc is None:
             return "running"
-        return "stopped" if self.stopped else f"exited ({rc})"
+        return "stopped" if self.stopped else f"exited ({exit_text(rc)})"
+
+
+def exit_text(rc: int) -> str:
+    """A return code as people say it: ``status 1``, ``killed by SIGKILL``."""
+    if rc >= 0:
+        return f"status {rc}"
+    try:
+        return f"killed by {signal.Signals(-rc).name}"
+    except ValueError:
+        return f"killed by signal {-rc}"
 
 
 def remove_stale_run_dirs() -> None:
@@ -140,13 +150,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _check_free(port: int, what: str) -> None:
+def _port_in_use(port: int) -> str | None:
+    """Why ``port`` cannot be bound on loopback right now (None: it can)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError as exc:
-            raise FarmError(f"port {port} ({what}) is not free: {exc.strerror}") from None
+            return exc.strerror or str(exc)
+    return None
+
+
+def _check_free(ports: list[tuple[int, str, str]]) -> None:
+    """Raise one FarmError naming the ports of ``(port, what, option)`` that are taken, with the
+    options that would move them."""
+    busy = [(p, what, opt, why) for p, what, opt in ports if (why := _port_in_use(p))]
+    if not busy:
+        return
+    lines = [f"  {port:<6} {what} ({option}): {why}" for port, what, option, why in busy[:4]]
+    if len(busy) > 4:
+        lines.append(f"  and {len(busy) - 4} more")
+    fixes = []
+    for option in dict.fromkeys(opt for _, _, opt, _ in busy):
+        if option == "--base-port":
+            fixes.append("--base-port 0")  # any free ports for the internal processes
+            continue
+        port = next(p for p, _, opt, _ in busy if opt == option)
+        free = next((c for c in range(port + 1, min(port + 50, 65536)) if not _port_in_use(c)), 0)
+        fixes.append(f"{option} {free}")
+    raise FarmError(
+        "cannot start: ports in use (is another farm still running?)\n"
+        + "\n".join(lines)
+        + f"\nfree alternatives: {' '.join(fixes)}"
+    )
 
 
 def _get_json(url: str, timeout: float = 1.0) -> Any:
@@ -180,22 +216,31 @@ class Farm:
     # -- plan --------------------------------------------------------------------------------
 
     def _ports(self) -> tuple[int, list[tuple[int, int]], int]:
+        """dc_server, (TLS, status) per backend, balancer status; every fixed port checked."""
         cfg = self.config
         n = cfg.backends
+        wanted = [(cfg.port, "balancer", "--port")]
+        if cfg.status_port is not None:
+            wanted.append((cfg.status_port, "farm status page", "--status-port"))
         if cfg.base_port == 0:
+            _check_free(wanted)
             return _free_port(), [(_free_port(), _free_port()) for _ in range(n)], _free_port()
         b = cfg.base_port
         ports = (b, [(b + i, b + 100 + i) for i in range(1, n + 1)], b + 100)
-        _check_free(ports[0], "dc_server")
-        for tls_port, admin in ports[1]:
-            _check_free(tls_port, "backend")
-            _check_free(admin, "backend status")
-        _check_free(ports[2], "balancer status")
+        base = "--base-port"
+        if cfg.cache == "distcache":
+            wanted.append((ports[0], "dc_server", base))
+        for i, (tls_port, admin) in enumerate(ports[1], start=1):
+            wanted.append((tls_port, f"backend-{i}", base))
+            wanted.append((admin, f"backend-{i} status", base))
+        wanted.append((ports[2], "balancer status", base))
+        _check_free(wanted)
         return ports
 
     def plan(self) -> None:
         cfg = self.config
         assert cfg.certs is not None
+        dc_port, self.backend_ports, self.balancer_admin = self._ports()  # before any mkdir
         if cfg.run_dir is None:
             remove_stale_run_dirs()
             self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
@@ -204,8 +249,6 @@ class Farm:
         else:
             self.run_dir = cfg.run_dir
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        _check_free(cfg.port, "balancer")
-        dc_port, self.backend_ports, self.balancer_admin = self._ports()
         py = sys.executable
         self.procs = []
         if cfg.cache == "distcache":
@@ -499,18 +542,25 @@ class Farm:
             ],
         }
 
-    def describe(self, out: TextIO) -> None:
-        """Where everything listens, for people."""
+    def describe(self, out: TextIO, status_port: int | None = None) -> None:
+        """Where everything listens, for people: entry points first, then the parts."""
         cfg = self.config
         assert cfg.certs is not None
         out.write(f"tlscache farm: {cfg.backends} backends, TLS <= {cfg.tls}, cache {cfg.cache}\n")
+        balancer = self.proc("balancer")
+        out.write(f"  {'balancer':<12} {balancer.address}\n")
+        if status_port is not None:
+            out.write(f"  {'farm status':<12} http://{HOST}:{status_port}/ (JSON: /status.json)\n")
+        admin = {f"backend-{i}": a for i, (_, a) in enumerate(self.backend_ports, start=1)}
         for p in self.procs:
-            out.write(f"  {p.name:<12} {p.address}\n")
-        for i, (_, admin) in enumerate(self.backend_ports, start=1):
-            out.write(f"  {'status':<12} backend-{i}: http://{HOST}:{admin}/status\n")
+            if p is balancer:
+                continue
+            extra = f" (status http://{HOST}:{admin[p.name]}/status)" if p.name in admin else ""
+            out.write(f"  {p.name:<12} {p.address}{extra}\n")
         out.write(f"  {'logs':<12} {self.run_dir}\n")
-        ca = f"--cacert {cfg.certs.ca} " if cfg.certs.ca else "-k "
-        out.write(f"try: curl {ca}https://localhost:{cfg.port}/info\n")
+        ca = f"--cacert {cfg.certs.ca}" if cfg.certs.ca else "-k"
+        url = f"https://localhost:{cfg.port}/info"
+        out.write(f"try: curl {ca} -H 'Connection: close' {url} {url} {url}\n")
         out.flush()
 
 
@@ -559,7 +609,21 @@ class _StatusHandler(BaseHTTPRequestHandler):
         except FarmError as exc:
             self._reply(500, "text/plain", f"{exc}\n".encode())
             return
+        if self._from_form():
+            # A button of the status page: back to the page, which shows the new state.
+            self.send_response(303)
+            self.send_header("Location", "/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self._reply(200, "application/json", json.dumps(result).encode() + b"\n")
+
+    def _from_form(self) -> bool:
+        """Whether a button of the status page sent this request (``?then=page``)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= 4096:
+            self.rfile.read(length)  # a form's (empty) body
+        return "then=page" in self.path.partition("?")[2].split("&")
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -567,7 +631,10 @@ class _StatusHandler(BaseHTTPRequestHandler):
 
 def start_status_server(farm: Farm, port: int) -> ThreadingHTTPServer:
     handler = type("StatusHandler", (_StatusHandler,), {"farm": farm})
-    server = ThreadingHTTPServer((HOST, port), handler)
+    try:
+        server = ThreadingHTTPServer((HOST, port), handler)
+    except OSError as exc:
+        raise FarmError(f"farm status page: port {port} (--status-port): {exc.strerror}") from None
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
     thread.daemon = True
@@ -594,6 +661,39 @@ def _cache_sum(status: dict[str, Any], *keys: str) -> str:
             for k in keys:
                 totals[k] += int(cache.get(k) or 0)
     return " / ".join(str(v) for v in totals.values())
+
+
+def _lookup_ms(status: dict[str, Any]) -> str:
+    """Store lookup latency over all backends, ``p50 / p99`` ms, from the caches' histograms."""
+    buckets: list[float] = []
+    counts: list[int] = []
+    top = 0.0
+    for b in status.get("backends", []):
+        cache = (b.get("status") or {}).get("cache")
+        if not isinstance(cache, dict) or not cache.get("latency_counts"):
+            continue
+        buckets = [float(x) for x in cache["latency_buckets_ms"]]
+        row = [int(x) for x in cache["latency_counts"]]
+        counts = [a + b for a, b in zip(counts, row, strict=True)] if counts else row
+        top = max(top, float(cache.get("latency_max_ms") or 0.0))
+    if not counts or not sum(counts):
+        return "-"
+    return f"{_histogram_quantile(buckets, counts, 0.5, top):.2f} / " + (
+        f"{_histogram_quantile(buckets, counts, 0.99, top):.2f}"
+    )
+
+
+def _histogram_quantile(buckets: list[float], counts: list[int], q: float, top: float) -> float:
+    """Interpolated within the bucket, as the session cache computes its own p50/p99."""
+    target = q * sum(counts)
+    seen, lower = 0, 0.0
+    for i, count in enumerate(counts):
+        upper = buckets[i] if i < len(buckets) else max(top, lower)
+        if count and seen + count >= target:
+            return min(lower + (upper - lower) * (target - seen) / count, top)
+        seen += count
+        lower = upper
+    return top
 
 
 def format_report(
@@ -625,58 +725,76 @@ def format_report(
     row("full handshake ms p50 / p99", [_fmt_ms(s["full_ms"]) for _, s, _ in sums])
     row("resumed handshake ms p50 / p99", [_fmt_ms(s["resumed_ms"]) for _, s, _ in sums])
     row("server cache hits / misses", [_cache_sum(st, "hits", "misses") for _, _, st in sums])
+    row("cache lookup ms p50 / p99", [_lookup_ms(st) for _, _, st in sums])
     row(
         "cache timeouts / errors / skipped",
         [_cache_sum(st, "timeouts", "errors", "skipped") for _, _, st in sums],
     )
-    row("wall time s", [f"{s['elapsed_s']:.1f}" for _, s, _ in sums])
     if any(s["skipped"] for _, s, _ in sums):
         row("skipped (time limit)", [str(s["skipped"]) for _, s, _ in sums])
     return "\n".join(lines) + "\n"
 
 
 def run_report(base: FarmConfig, args: argparse.Namespace, out: TextIO) -> int:
-    """Same workload with the shared cache, then with a per-backend in-process cache."""
-    runs: list[tuple[str, WorkloadResult, dict[str, Any]]] = []
+    """The same workload with the shared cache and with a per-backend in-process cache.
+
+    Both farms run at once and every client alternates between them, so that both columns are
+    measured under the same load of the machine: run one after the other, a change of load
+    between the runs (another program, a CPU frequency step) would pass for a difference
+    between the caches.
+    """
     assert base.certs is not None
     ca = str(base.certs.ca) if base.certs.ca else None
-    phases = [("shared (distcache)", "distcache"), ("per-backend (memory)", "memory")]
-    for label, mode in phases:
-        cfg = replace(base, cache=mode, status_port=None)
-        out.write(f"[{label}] starting {cfg.backends} backends (TLS <= {cfg.tls})...\n")
+    labels = ["shared (distcache)", "per-backend (memory)"]
+    with contextlib.ExitStack() as stack:
+        farms: list[Farm] = []
+        for label in labels:
+            if not farms:
+                cfg = replace(base, cache="distcache", status_port=None)
+            else:  # free ports, picked once the first farm holds its own
+                port = _free_port()
+                cfg = replace(base, cache="memory", status_port=None, port=port, base_port=0)
+            out.write(f"[{label}] starting {cfg.backends} backends (TLS <= {cfg.tls})...\n")
+            out.flush()
+            farms.append(stack.enter_context(Farm(cfg)))
+        out.write("running the workload, each client alternating between the two farms...\n")
         out.flush()
-        with Farm(cfg) as farm:
-            progress = terminal_progress(label)
-            result = run_workload(
-                HOST,
-                cfg.port,
-                ca=ca,
-                tls=cfg.tls,
-                clients=args.clients,
-                reconnects=args.reconnects,
-                concurrency=args.concurrency,
-                time_limit=args.time_limit,
-                pause=args.pause_ms / 1000.0,
-                progress=progress,
-            )
-            if progress is not None:
-                progress.finish()
-            status = farm.gather()
+        meter = terminal_progress("both farms")
+        results = run_workloads(
+            HOST,
+            [farm.config.port for farm in farms],
+            ca=ca,
+            tls=base.tls,
+            clients=args.clients,
+            reconnects=args.reconnects,
+            concurrency=args.concurrency,
+            time_limit=args.time_limit,
+            pause=args.pause_ms / 1000.0,
+            progress=meter,
+        )
+        if meter is not None:
+            meter.finish()
+        statuses = [farm.gather() for farm in farms]
+    runs: list[tuple[str, WorkloadResult, dict[str, Any]]] = []
+    for label, result, status in zip(labels, results, statuses, strict=True):
         s = result.summary()
         out.write(
             f"[{label}] {s['connections']} connections, {s['resumed']}/{s['offered']} resumed, "
-            f"{s['errors']} errors, {s['elapsed_s']:.1f} s\n"
+            f"{s['errors']} errors\n"
         )
         if result.errors:
-            first = next(x.error for x in result.samples if x.error)
-            out.write(f"[{label}] first error: {first}\n")
+            first_error = next(x.error for x in result.samples if x.error)
+            out.write(f"[{label}] first error: {first_error}\n")
         runs.append((label, result, status))
     title = (
         f"tlscache farm report: {base.backends} backends behind a round-robin balancer, "
         f"TLS <= {base.tls}\n"
         f"workload: {args.clients} clients x (1 + {args.reconnects} reconnects offering their "
-        f"session), {args.concurrency} at a time, {args.pause_ms:g} ms before each reconnect\n"
-        "handshake times: measured by the client (Python ssl) through the balancer"
+        f"session) on each farm, {args.pause_ms:g} ms before each reconnect,\n"
+        f"  {args.concurrency} clients at a time, each alternating between the two farms "
+        f"(same machine load for both columns); {results[0].elapsed_s:.1f} s in all\n"
+        "handshake ms: measured by the client (Python ssl) through the balancer; "
+        "cache lookup ms: by the backends"
     )
     out.write("\n" + format_report(runs, base.backends, title))
     out.flush()
@@ -789,7 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         default=20.0,
-        help="--report seconds per run (default 20)",
+        help="--report: seconds for the whole workload; connections not started by then are "
+        "skipped and counted (default 20)",
     )
     return p
 
@@ -807,13 +926,36 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, before anything starts (None: nothing)."""
+    if not 1 <= args.backends <= 32:
+        return "--backends must be 1..32"
+    if args.port is not None and not 1 <= args.port <= 65535:
+        return "--port must be 1..65535"
+    if args.status_port is not None and not 0 <= args.status_port <= 65535:
+        return "--status-port must be 1..65535 (0: no status page)"
+    top = 65535 - 100 - args.backends
+    if args.base_port is not None and args.base_port != 0 and not 1 <= args.base_port <= top:
+        return f"--base-port must be 1..{top} with {args.backends} backends (0: any free ports)"
+    if not 64 <= args.sessions <= 60000:
+        return "--sessions must be 64..60000"
+    if args.session_timeout < 1 or args.dc_retry < 1 or args.cache_deadline_ms <= 0:
+        return "--session-timeout, --dc-retry and --cache-deadline-ms must be positive"
+    if args.clients < 1 or args.reconnects < 0 or args.concurrency < 1:
+        return "--clients and --concurrency must be at least 1, --reconnects at least 0"
+    if bool(args.cert) != bool(args.key):
+        return "--cert and --key go together"
+    for option, path in (("--cert", args.cert), ("--key", args.key), ("--ca", args.ca)):
+        if path and not os.access(path, os.R_OK):
+            return f"{option} {path}: no such file, or not readable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 1 <= args.backends <= 32:
-        print("tlscache-farm: --backends must be 1..32", file=sys.stderr)
-        return 2
-    if bool(args.cert) != bool(args.key):
-        print("tlscache-farm: --cert and --key go together", file=sys.stderr)
+    problem = _check_args(args)
+    if problem:
+        print(f"tlscache-farm: {problem} (see tlscache-farm --help)", file=sys.stderr)
         return 2
     if args.cert:
         certs = CertPaths(Path(args.cert), Path(args.key), Path(args.ca) if args.ca else None)
@@ -850,19 +992,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _say_exited(proc: Proc, status_port: int | None) -> None:
+    """A child died on its own (or by someone else's hand): what it means and how to undo it."""
+    assert proc.popen is not None and proc.popen.returncode is not None
+    lines = [f"tlscache-farm: {proc.name} {exit_text(proc.popen.returncode)}; log: {proc.log}"]
+    if proc.name == "dc_server":
+        lines.append("  until it is back, handshakes are full (no request fails)")
+    elif proc.name.startswith("dc_client"):
+        backend = f"backend-{proc.name.rsplit('-', 1)[1]}"
+        lines.append(f"  {backend} makes full handshakes until it is back")
+    if status_port is not None:
+        url = f"http://{HOST}:{status_port}/process/{proc.name}/start"
+        lines.append(f"  start it again: curl -X POST {url}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def serve(config: FarmConfig) -> int:
     """Run until Ctrl-C/SIGTERM, saying when a process dies."""
     farm = Farm(config)
     status: ThreadingHTTPServer | None = None
     try:
-        if config.status_port is not None:
-            _check_free(config.status_port, "status page")
         farm.start()
         if config.status_port is not None:
             status = start_status_server(farm, config.status_port)
-        farm.describe(sys.stdout)
-        if config.status_port is not None:
-            print(f"  {'farm status':<12} http://{HOST}:{config.status_port}/ (JSON: /status.json)")
+        farm.describe(sys.stdout, config.status_port)
         print("Ctrl-C stops every process of the farm.", flush=True)
         reported: set[tuple[str, int]] = set()
         while True:
@@ -872,11 +1025,7 @@ def serve(config: FarmConfig) -> int:
                     key = (p.name, p.popen.pid)
                     if key not in reported:
                         reported.add(key)
-                        print(
-                            f"tlscache-farm: {p.name} exited ({p.popen.returncode}); log: {p.log}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                        _say_exited(p, config.status_port)
     except KeyboardInterrupt:
         print("\nstopping the farm...", file=sys.stderr, flush=True)
         return 0

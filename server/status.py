@@ -14,8 +14,9 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}
-th{background:#f3f3f3}.yes{color:#070;font-weight:bold}.no{color:#a50}.dead{color:#b00}
-code{background:#f6f6f6;padding:0 .2em}
+th{background:#f3f3f3}td{white-space:nowrap}
+.yes{color:#070;font-weight:bold}.no{color:#a50}.dead{color:#b00}
+code{background:#f6f6f6;padding:0 .2em}form{margin:0}
 """
 
 
@@ -51,6 +52,16 @@ def _state(state: str) -> str:
     return _e(state) if state == "running" else f'<b class="dead">{_e(state)}</b>'
 
 
+def _control(name: str, state: str) -> str:
+    """A button that POSTs /process/NAME/stop (a SIGKILL) or /process/NAME/start."""
+    action = "stop" if state == "running" else "start"
+    title = "SIGKILL, like a crash" if action == "stop" else "start again on the same address"
+    return (
+        f'<form method="post" action="/process/{html.escape(name)}/{action}?then=page">'
+        f'<button title="{title}">{action}</button></form>'
+    )
+
+
 def _rate(resumed: int, full: int) -> str:
     total = resumed + full
     return f"{100.0 * resumed / total:.1f}%" if total else "-"
@@ -66,6 +77,8 @@ def _cache_rows(cache: Any) -> list[list[str]]:
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         elif isinstance(value, list) and len(value) > 8:
             rows.append([_e(prefix), _e(f"[{len(value)} values]")])
+        elif isinstance(value, float):
+            rows.append([_e(prefix), _e(f"{value:.3f}")])
         else:
             rows.append([_e(prefix), _e(value)])
 
@@ -137,13 +150,14 @@ def render_backend(s: dict[str, Any]) -> str:
 def render_farm(data: dict[str, Any]) -> str:
     """The farm's page: who resumed where, hit/miss and cache latency for every backend."""
     procs = _table(
-        ["process", "pid", "state", "address"],
+        ["process", "pid", "state", "address", ""],
         [
             [
                 _e(p["name"]),
                 _e(p.get("pid")),
                 _state(p["state"]),
                 _e(p.get("address")),
+                _control(p["name"], p["state"]),
             ]
             for p in data.get("processes", [])
         ],
@@ -191,7 +205,7 @@ def render_farm(data: dict[str, Any]) -> str:
     )
     recent.sort(key=lambda r: r["time"])
     who = _table(
-        ["time", "backend", "handshake", "session id", "TLS", "ms"],
+        ["time", "backend", "handshake", "session id", "TLS", "server ms"],
         _recent_rows(recent[-60:], with_backend=True),
     )
     body = (
@@ -210,4 +224,6 @@ def _lookup_latency(cache: Any) -> str | None:
     """Store lookup latency as the cache reports it (p50 / p99, ms)."""
     if not isinstance(cache, dict) or cache.get("latency_p50_ms") is None:
         return None
+    if not sum(cache.get("latency_counts") or [0]):
+        return None  # no lookup yet: "0.00 ms" would be a measurement nobody made
     return f"{_ms(cache['latency_p50_ms'])} / {_ms(cache.get('latency_p99_ms'))} ms"

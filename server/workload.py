@@ -150,42 +150,92 @@ def run_workload(
     ``time_limit`` are skipped and counted). ``pause`` before each reconnect stands for a real
     client's think time; with none, a TLS 1.2 client can beat the server's store write.
     """
+    (result,) = run_workloads(
+        host,
+        [port],
+        ca=ca,
+        tls=tls,
+        clients=clients,
+        reconnects=reconnects,
+        concurrency=concurrency,
+        time_limit=time_limit,
+        pause=pause,
+        progress=progress,
+    )
+    return result
+
+
+def run_workloads(
+    host: str,
+    ports: list[int],
+    *,
+    ca: str | None,
+    tls: str,
+    clients: int = 60,
+    reconnects: int = 5,
+    concurrency: int = 8,
+    time_limit: float = 20.0,
+    pause: float = 0.01,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[WorkloadResult]:
+    """:func:`run_workload` against several farms at once, one result per port.
+
+    Every client keeps one session per farm and takes its turns on them alternately (connection
+    1 on each farm, then connection 2 on each, ...; the farm that goes first alternates from
+    client to client). The farms are thus measured side by side, under the same load of the
+    machine, which results measured one after the other cannot promise.
+    """
     ctx = client_context(ca, tls)
-    result = WorkloadResult()
+    results = [WorkloadResult() for _ in ports]
     lock = threading.Lock()
-    total = clients * (1 + reconnects)
+    total = clients * (1 + reconnects) * len(ports)
+    done = 0
     deadline = time.monotonic() + time_limit
     start = time.monotonic()
 
     def one_client(n: int) -> None:
-        session: ssl.SSLSession | None = None
-        origin: str | None = None
+        nonlocal done
+        sessions: list[ssl.SSLSession | None] = [None] * len(ports)
+        origins: list[str | None] = [None] * len(ports)
+        order = list(range(len(ports)))
+        if n % 2:
+            order.reverse()
+        made = [0] * len(ports)
         for attempt in range(1 + reconnects):
-            if time.monotonic() > deadline:
+            for i in order:
+                if time.monotonic() > deadline:
+                    with lock:
+                        for j, count in enumerate(made):
+                            results[j].skipped += 1 + reconnects - count
+                            done += 1 + reconnects - count
+                    return
+                made[i] += 1
+                session = sessions[i]
+                offered = session is not None
+                if offered and pause > 0:
+                    time.sleep(pause)
+                try:
+                    info, new_session, resumed, ms = fetch_info(ctx, host, ports[i], session)
+                    backend = info.get("backend")
+                    sample = Sample(n, attempt, offered, resumed, backend, origins[i], ms)
+                    if not resumed:
+                        origins[i] = backend
+                    sessions[i] = new_session or session
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    sample = Sample(n, attempt, offered, False, None, origins[i], 0.0, repr(exc))
                 with lock:
-                    result.skipped += 1 + reconnects - attempt
-                return
-            offered = session is not None
-            if offered and pause > 0:
-                time.sleep(pause)
-            try:
-                info, new_session, resumed, ms = fetch_info(ctx, host, port, session)
-                sample = Sample(n, attempt, offered, resumed, info.get("backend"), origin, ms)
-                if not resumed:
-                    origin = info.get("backend")
-                session = new_session or session
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                sample = Sample(n, attempt, offered, False, None, origin, 0.0, repr(exc))
-            with lock:
-                result.samples.append(sample)
-                done = len(result.samples) + result.skipped
-            if progress is not None:
-                progress(done, total)
+                    results[i].samples.append(sample)
+                    done += 1
+                    so_far = done
+                if progress is not None:
+                    progress(so_far, total)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(one_client, range(clients)))
-    result.elapsed_s = time.monotonic() - start
-    return result
+    elapsed = time.monotonic() - start
+    for result in results:
+        result.elapsed_s = elapsed
+    return results
 
 
 class TerminalProgress:

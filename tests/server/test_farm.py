@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from tlscache_farm.certs import ensure_demo_certs
 from tlscache_farm.orchestrator import remove_stale_run_dirs
-from tlscache_farm.workload import fetch_info, run_workload
+from tlscache_farm.workload import WorkloadResult, fetch_info, run_workload
 
 from tests.server.farmctl import HOST, FarmProc, farm, wait_gone
 
@@ -56,6 +57,34 @@ def _cache_stats(f: FarmProc) -> list[object]:
     return [b["status"]["cache"] for b in f.status()["backends"]]
 
 
+def _cache_failures(f: FarmProc) -> int:
+    """Store calls that failed, timed out or were skipped, summed over the backends.
+
+    A handshake whose lookup (or whose session's write) failed is a full one, by design. On a
+    loaded machine a store call can overrun its deadline; a test may then measure again. A miss
+    while this count did not move has no excuse, and fails the test at once.
+    """
+    total = 0
+    for cache in _cache_stats(f):
+        assert isinstance(cache, dict)
+        for key in ("timeouts", "errors", "skipped", "store_errors", "writes_skipped"):
+            total += int(cache[key])
+    return total
+
+
+T = TypeVar("T")
+
+
+def measure(f: FarmProc, fn: Callable[[], T], good: Callable[[T], bool], tries: int = 3) -> T:
+    """``fn()`` until ``good`` holds, again only while store failures explain a bad result."""
+    for _ in range(tries):
+        failures = _cache_failures(f)
+        result = fn()
+        if good(result) or _cache_failures(f) == failures:
+            break
+    return result
+
+
 def _info_lines(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith('{"backend"')]
 
@@ -89,16 +118,24 @@ def test_s_client_tls13_sess_out_sess_in_chain(shared: FarmProc, tmp_path: Path)
     assert OPENSSL is not None
     sess = tmp_path / "session.pem"
     request = b"GET /info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    infos = []
-    for i in range(6):
-        argv = [OPENSSL, "s_client", "-connect", f"{HOST}:{shared.port}", "-tls1_3", "-quiet"]
-        argv += ["-CAfile", str(shared.ca), "-servername", "localhost", "-sess_out", str(sess)]
-        if i:
-            argv += ["-sess_in", str(sess)]
-        out = subprocess.run(argv, input=request, capture_output=True, timeout=30).stdout
-        (info,) = _info_lines(out.decode())
-        infos.append(info)
-    assert [i["resumed"] for i in infos] == [False] + [True] * 5, infos
+
+    def chain() -> list[dict[str, object]]:
+        infos = []
+        for i in range(6):
+            argv = [OPENSSL, "s_client", "-connect", f"{HOST}:{shared.port}", "-tls1_3", "-quiet"]
+            argv += ["-CAfile", str(shared.ca), "-servername", "localhost", "-sess_out", str(sess)]
+            if i:
+                argv += ["-sess_in", str(sess)]
+            out = subprocess.run(argv, input=request, capture_output=True, timeout=30).stdout
+            (info,) = _info_lines(out.decode())
+            infos.append(info)
+        return infos
+
+    # The farm stores each ticket before it answers (--cache-writes sync), and s_client saves
+    # the session after reading the answer: no race to wait for, only store failures to excuse.
+    expected = [False] + [True] * 5
+    infos = measure(shared, chain, lambda infos: [i["resumed"] for i in infos] == expected)
+    assert [i["resumed"] for i in infos] == expected, (infos, _cache_stats(shared))
     assert all(i["tls_version"] == "TLSv1.3" for i in infos)
     assert len({i["backend"] for i in infos[1:]}) >= 2, infos
 
@@ -110,24 +147,34 @@ def test_curl_several_urls_one_full_handshake_then_resumed(shared: FarmProc) -> 
     url = f"https://localhost:{shared.port}/info"
     argv = [CURL, "-sS", "--cacert", str(shared.ca), "-H", "Connection: close"]
     argv += ["--resolve", f"localhost:{shared.port}:{HOST}", url, url, url, url]
-    done = subprocess.run(argv, capture_output=True, timeout=30, check=True)
-    infos = _info_lines(done.stdout.decode())
-    assert len(infos) == 4, done.stdout
-    assert [i["resumed"] for i in infos] == [False, True, True, True], infos
+
+    def fetch() -> list[dict[str, object]]:
+        done = subprocess.run(argv, capture_output=True, timeout=30, check=True)
+        infos = _info_lines(done.stdout.decode())
+        assert len(infos) == 4, done.stdout
+        return infos
+
+    # Each session is stored before the answer that precedes the next URL (sync writes).
+    expected = [False, True, True, True]
+    infos = measure(shared, fetch, lambda infos: [i["resumed"] for i in infos] == expected)
+    assert [i["resumed"] for i in infos] == expected, (infos, _cache_stats(shared))
     assert len({i["backend"] for i in infos}) == 3  # round-robin: one URL per backend
 
 
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
 def test_python_ssl_resumption_rate_with_shared_cache(shared: FarmProc, tls: str) -> None:
     """>= 99% of offered sessions resume, most of them on another backend than their origin."""
-    for _attempt in range(3):  # re-measurement allowed for the TLS 1.2 race (and a busy machine)
-        result = run_workload(
+
+    def run() -> WorkloadResult:
+        return run_workload(
             HOST, shared.port, ca=str(shared.ca), tls=tls, clients=20, reconnects=5, concurrency=4
         )
-        s = result.summary()
-        assert s["errors"] == 0 and s["offered"] == 100, s
-        if s["rate"] >= 0.99:
-            break
+
+    # Sessions are stored before the answer each client reads (sync writes), so even TLS 1.2
+    # has no race here; a store call past its deadline on a busy machine excuses a new run.
+    result = measure(shared, run, lambda r: bool(r.summary()["rate"] >= 0.99))
+    s = result.summary()
+    assert s["errors"] == 0 and s["offered"] == 100, s
     assert s["rate"] >= 0.99, (s, _cache_stats(shared))
     assert s["resumed_elsewhere"] >= 0.5 * s["resumed"], s
     assert len({x.backend for x in result.ok}) == 3
@@ -138,19 +185,24 @@ def test_python_ssl_session_reuse_by_hand(shared: FarmProc) -> None:
     import socket
 
     ctx = shared.client_context("1.3")
-    session = None
-    seen = []
-    for _ in range(4):
-        raw = socket.create_connection((HOST, shared.port), timeout=5)
-        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-            tls.sendall(b"GET /info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-            info = json.loads(data.partition(b"\r\n\r\n")[2])
-            seen.append((info["backend"], tls.session_reused, info["resumed"]))
-            session = tls.session
-        time.sleep(0.02)  # TLS 1.2 race: let the session reach the store (docs/operations.md)
+
+    def four() -> list[tuple[str, bool, bool]]:
+        session = None
+        seen = []
+        for _ in range(4):
+            raw = socket.create_connection((HOST, shared.port), timeout=10)
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(b"GET /info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                info = json.loads(data.partition(b"\r\n\r\n")[2])
+                seen.append((info["backend"], tls.session_reused, info["resumed"]))
+                session = tls.session
+        return seen
+
+    # The answer comes after the session's tickets are stored (sync writes): no sleep needed.
+    seen = measure(shared, four, lambda seen: [r for _, r, _ in seen] == [False, True, True, True])
     assert [r for _, r, _ in seen] == [False, True, True, True], (seen, _cache_stats(shared))
     assert all(client == server for _, client, server in seen), seen
     assert len({b for b, _, _ in seen}) == 3
@@ -190,12 +242,19 @@ def test_dc_server_dies_and_comes_back(tmp_path: Path, certs_dir: Path) -> None:
 
         def connect() -> tuple[bool, str]:
             nonlocal session
-            time.sleep(0.02)  # TLS 1.2 race: let the last session reach the store
-            info, session, resumed, _ = fetch_info(ctx, HOST, f.port, session)
+            # No sleep for the TLS 1.2 race: the farm stores a session within the handshake
+            # (--cache-writes sync), before the answer that fetch_info reads to its end.
+            info, session, resumed, _ = fetch_info(ctx, HOST, f.port, session, timeout=10)
             return resumed, str(info["backend"])
 
-        warm = [connect() for _ in range(4)]
-        assert [r for r, _ in warm] == [False, True, True, True], (warm, _cache_stats(f))
+        def fresh_four() -> list[tuple[bool, str]]:
+            nonlocal session
+            session = None
+            return [connect() for _ in range(4)]
+
+        expected = [False, True, True, True]
+        warm = measure(f, fresh_four, lambda warm: [r for r, _ in warm] == expected)
+        assert [r for r, _ in warm] == expected, (warm, _cache_stats(f))
 
         assert f.post("/dc_server/stop")["state"] == "stopped"
         dead = [connect() for _ in range(12)]  # every one succeeds (fetch_info raises if not)
@@ -212,7 +271,7 @@ def test_dc_server_dies_and_comes_back(tmp_path: Path, certs_dir: Path) -> None:
             streak = streak + 1 if resumed else 0
             time.sleep(0.1)
         assert streak >= 6, "resumption did not come back after dc_server restarted"
-        back = [connect() for _ in range(6)]
+        back = measure(f, lambda: [connect() for _ in range(6)], lambda b: all(r for r, _ in b))
         assert all(r for r, _ in back), (back, _cache_stats(f))
         assert len({b for _, b in back}) == 3
 
@@ -244,10 +303,9 @@ def test_report_prints_both_columns(tmp_path: Path, certs_dir: Path) -> None:
     argv = [sys.executable, "-m", "tlscache_farm.orchestrator", "--report"]
     argv += ["--certs-dir", str(certs_dir), "--clients", "12", "--reconnects", "3"]
     argv += ["--concurrency", "4", "--cache-writes", "async"]  # the library's default writes
-    started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, timeout=60, text=True)
+    # Both farms start, then every client alternates between them: bounded, not fast.
+    done = subprocess.run(argv, capture_output=True, timeout=80, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert time.monotonic() - started < 60
     out = done.stdout
     assert "shared (distcache)" in out and "per-backend (memory)" in out
     row = next(line for line in out.splitlines() if "resumed (rate" in line)
