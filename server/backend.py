@@ -540,7 +540,7 @@ def parse_args(argv: list[str] | None) -> BackendConfig:
         choices=("async", "sync"),
         default="sync",
         help="sync (default): a new session is stored within the handshake, before the first "
-        "response; async: from a writer thread (the library default)",
+        "response; async: from a writer thread",
     )
     p.add_argument("--max-connections", type=int, default=128)
     p.add_argument("--idle-timeout", type=float, default=5.0, help="keep-alive idle, seconds")

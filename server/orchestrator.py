@@ -882,7 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sync",
         help="sync (default): backends store a new session inside the handshake, before the "
         "first response, so a client that reconnects right after it finds the session; async: "
-        "from a writer thread, the library default (a fast reconnect can then miss)",
+        "from a writer thread (a fast reconnect can then miss)",
     )
     p.add_argument("--report", action="store_true", help="run the workload, print the table, exit")
     p.add_argument(
