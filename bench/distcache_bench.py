@@ -29,11 +29,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from tests.procs import running
 from tlscache.cli.dc_test import Config, run
 from tlscache.distcache.address import Address, connect, parse_address
 from tlscache.distcache.client import Client
@@ -90,35 +91,11 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _wait_ready(address: str, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    addr = parse_address(address)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            connect(addr, timeout=1.0).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def server(argv: Sequence[str], address: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a server process for the block (SIGTERM, then SIGKILL, at the end)."""
-    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_ready(address, proc)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def server(
+    argv: Sequence[str], address: str
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """Run a server process for the block, output discarded (SIGTERM, then SIGKILL, at the end)."""
+    return running(argv, ready=address, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def dc_server_argv(address: str, *extra: str) -> list[str]:

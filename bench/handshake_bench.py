@@ -48,13 +48,12 @@ from pathlib import Path
 
 from OpenSSL import SSL
 
-from tests.procs import ROOT, free_port, running, tool, wait_connectable
-from tlscache.distcache.client import Client
-from tlscache.exceptions import ClientError
+from tests.openssl.tls_server import server_argv
+from tests.procs import ROOT, free_port, running, tool, wait_connectable, wait_proxy_connected
+from tests.tlsutil import VERSIONS, client_context, handshake_over_memory
 
 MODES = ("internal", "memory", "dc_client", "dc_server")
 S_TIME_MODES = ("internal", "dc_client", "dc_server")
-VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 
 @dataclass
@@ -96,33 +95,12 @@ def tls_server(
     chain: Path, key: Path, store: str, threads: int, writes: str = "sync"
 ) -> Iterator[Server]:
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.openssl.tls_server",
-        "--cert",
-        str(chain),
-        "--key",
-        str(key),
-        "--port",
-        str(port),
-        "--store",
-        store,
-        "--threads",
-        str(threads),
-        "--no-stats",
-        f"--{writes}-writes",
-    ]
+    argv = server_argv(
+        chain, key, port, store, "--threads", str(threads), "--no-stats", f"--{writes}-writes"
+    )
     env = {"PYTHONPATH": str(ROOT)}
     with running(argv, ready=f"IP:127.0.0.1:{port}", env=env, stderr=subprocess.DEVNULL) as proc:
         yield Server(port, proc.pid)
-
-
-def client_context(version: str) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    ctx.set_min_proto_version(VERSIONS[version])
-    ctx.set_max_proto_version(VERSIONS[version])
-    return ctx
 
 
 def connect_once(
@@ -221,40 +199,6 @@ def lookup_cost(store_address: str | None, n: int = 2000) -> tuple[float, float]
     return (w1 - w0) / n * 1e6, (c1 - c0) / n * 1e6
 
 
-def memory_handshake(
-    server_ctx: SSL.Context, client_ctx: SSL.Context, session: SSL.Session | None
-) -> tuple[bool, SSL.Session | None]:
-    """A handshake over memory BIOs, both ends in this process: no sockets, no scheduler."""
-    from OpenSSL._util import lib
-
-    srv, cli = SSL.Connection(server_ctx, None), SSL.Connection(client_ctx, None)
-    srv.set_accept_state()
-    cli.set_connect_state()
-    if session is not None:
-        cli.set_session(session)
-    done = [False, False]
-    for _ in range(20):
-        for i, conn in enumerate((cli, srv)):
-            if not done[i]:
-                try:
-                    conn.do_handshake()
-                    done[i] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((cli, srv), (srv, cli)):
-            with contextlib.suppress(SSL.WantReadError):
-                dst.bio_write(src.bio_read(65536))
-        if all(done):
-            break
-    srv.send(b"x")  # carries any TLS 1.3 ticket to the client
-    cli.bio_write(srv.bio_read(65536))
-    cli.recv(1)
-    for conn in (cli, srv):
-        with contextlib.suppress(SSL.Error):
-            conn.shutdown()
-    return bool(lib.SSL_session_reused(srv._ssl)), cli.get_session()
-
-
 def in_process(
     chain: Path, key: Path, proxy: str, rounds: int, n: int
 ) -> dict[tuple[str, str, str], float]:
@@ -287,11 +231,11 @@ def in_process(
                 names = list(ctxs) if r % 2 == 0 else list(reversed(ctxs))
                 for name in names:
                     ctx = ctxs[name]
-                    _, session = memory_handshake(ctx, cctx, None)
+                    _, session = handshake_over_memory(ctx, cctx)
                     time.sleep(0.01)  # the first session's write lands
                     cpu0 = time.process_time()
                     for _ in range(n):
-                        reused, new = memory_handshake(
+                        reused, new = handshake_over_memory(
                             ctx, cctx, session if kind == "resumed" else None
                         )
                         if kind == "resumed":
@@ -300,19 +244,6 @@ def in_process(
                     cpu = (time.process_time() - cpu0) / n * 1e6
                     out.setdefault((version, kind, name), []).append(cpu)
     return {k: statistics.median(v) for k, v in out.items()}
-
-
-def wait_proxy(proxy: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    with Client(proxy) as client:
-        while True:
-            try:
-                client.have(b"probe")
-                return
-            except ClientError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(running(tool("dc_server", "-listen", dc), ready=dc))
             argv_proxy = tool("dc_client", "-listen", proxy, "-server", dc, "-retry", "100")
             stack.enter_context(running(argv_proxy, ready=proxy, stderr=subprocess.DEVNULL))
-            wait_proxy(proxy)
+            wait_proxy_connected(proxy)
             servers = {
                 m: stack.enter_context(tls_server(chain, key, stores[m], args.threads, args.writes))
                 for m in MODES

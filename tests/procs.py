@@ -42,6 +42,29 @@ def wait_connectable(
             time.sleep(0.02)
 
 
+def wait_proxy_connected(address: str, timeout: float = 5.0) -> None:
+    """Block until the dc_client at ``address`` has reached its dc_server.
+
+    Until its first connect to dc_server succeeds, dc_client answers every request
+    with "no server" (:class:`~tlscache.exceptions.ServerUnavailable`). Any
+    :class:`~tlscache.exceptions.ClientError` counts as "not connected yet"; the
+    last one is raised once ``timeout`` seconds have passed.
+    """
+    from tlscache.distcache.client import Client
+    from tlscache.exceptions import ClientError
+
+    deadline = time.monotonic() + timeout
+    with Client(address) as client:
+        while True:
+            try:
+                client.have(b"probe")
+                return
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+
 def tool(name: str, *args: str) -> list[str]:
     """The command line that runs one of our console tools with this interpreter."""
     return [sys.executable, "-m", f"tlscache.cli.{name}", *args]
@@ -53,6 +76,7 @@ def running(
     ready: str | None = None,
     env: dict[str, str] | None = None,
     stderr: int | None = subprocess.PIPE,
+    stdout: int | None = subprocess.PIPE,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``argv`` for the duration of the block; wait until ``ready`` accepts connections.
 
@@ -62,7 +86,7 @@ def running(
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, env=full_env)
+    proc = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, env=full_env)
     try:
         if ready is not None:
             wait_connectable(ready, proc=proc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import statistics
@@ -13,6 +12,7 @@ from collections.abc import Callable
 import pytest
 from OpenSSL import SSL
 
+from tests.tlsutil import client_context, handshake_over_memory
 from tlscache import BreakerState, MemoryStore, SessionCache, SessionStore, WrappingStore
 from tlscache.exceptions import ConfigurationError, SealError, StoreError, StoreTimeout
 from tlscache.session_cache import LATENCY_BUCKETS_MS, CircuitBreaker
@@ -376,58 +376,7 @@ def _contexts() -> tuple[Callable[[], SSL.Context], Callable[[str], SSL.Context]
         cert.configure_cert(ctx)
         return ctx
 
-    def client(version: str) -> SSL.Context:
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        v = SSL.TLS1_2_VERSION if version == "1.2" else SSL.TLS1_3_VERSION
-        ctx.set_min_proto_version(v)
-        ctx.set_max_proto_version(v)
-        return ctx
-
-    return server, client
-
-
-def _handshake(
-    server_ctx: SSL.Context,
-    client_ctx: SSL.Context,
-    session: SSL.Session | None = None,
-    sni: bytes | None = None,
-) -> tuple[bool, SSL.Session]:
-    """One in-memory handshake; (the server resumed, the client's session afterwards)."""
-    from OpenSSL._util import lib
-
-    s = SSL.Connection(server_ctx, None)
-    s.set_accept_state()
-    c = SSL.Connection(client_ctx, None)
-    c.set_connect_state()
-    if sni is not None:
-        c.set_tlsext_host_name(sni)
-    if session is not None:
-        c.set_session(session)
-    done = [False, False]
-    for _ in range(20):
-        for i, conn in enumerate((c, s)):
-            if not done[i]:
-                try:
-                    conn.do_handshake()
-                    done[i] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((c, s), (s, c)):
-            with contextlib.suppress(SSL.WantReadError):
-                dst.bio_write(src.bio_read(65536))
-        if all(done):
-            break
-    assert all(done)
-    s.send(b"x")  # lets the client read any TLS 1.3 ticket
-    c.bio_write(s.bio_read(65536))
-    assert c.recv(1) == b"x"
-    reused = bool(lib.SSL_session_reused(s._ssl))
-    sess = c.get_session()
-    assert sess is not None
-    for conn in (c, s):  # a clean shutdown keeps the session valid
-        with contextlib.suppress(SSL.Error):
-            conn.shutdown()
-    return reused, sess
+    return server, client_context
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -439,13 +388,13 @@ def test_two_contexts_share_a_store(version: str) -> None:
     caches[0].install(a)
     caches[1].install(b)
     cctx = client(version)
-    reused, sess = _handshake(a, cctx)
+    reused, sess = handshake_over_memory(a, cctx)
     assert not reused and len(store) >= 1
-    reused, _ = _handshake(b, cctx, sess)
+    reused, _ = handshake_over_memory(b, cctx, sess)
     assert reused
     assert caches[1].stats().hits == 1
     store.clear()  # the internal cache is off: without the store, no resumption at all
-    reused, _ = _handshake(a, cctx, sess)
+    reused, _ = handshake_over_memory(a, cctx, sess)
     assert not reused
 
 
@@ -456,15 +405,15 @@ def test_bad_store_values_mean_full_handshakes() -> None:
     cache = SessionCache(store, async_writes=False)
     cache.install(ctx)
     cctx = client("1.2")
-    _, sess = _handshake(ctx, cctx)
+    _, sess = handshake_over_memory(ctx, cctx)
     (sid,) = list(store._data)
     good = store.fetch(sid, 1)
     assert good is not None
     for bad in (b"\x30\x03abc", good[:-7], b"\x30" + bytes(100)):
         store.store(sid, bad, 60, 1)  # the cache is untrusted storage
-        assert not _handshake(ctx, cctx, sess)[0]
+        assert not handshake_over_memory(ctx, cctx, sess)[0]
     store.store(sid, good, 60, 1)
-    assert _handshake(ctx, cctx, sess)[0]
+    assert handshake_over_memory(ctx, cctx, sess)[0]
 
 
 def test_breaker_open_adds_under_a_millisecond_per_handshake() -> None:
@@ -478,14 +427,15 @@ def test_breaker_open_adds_under_a_millisecond_per_handshake() -> None:
     SessionCache(MemoryStore()).install(miss_ctx)
     SessionCache(MemoryStore(), async_writes=False).install(origin)
     cctx = client("1.2")
-    _, foreign = _handshake(origin, cctx)  # a session neither server knows: a lookup each time
-    _handshake(dead_ctx, cctx, foreign)
+    # A session neither server knows: a lookup each time.
+    _, foreign = handshake_over_memory(origin, cctx)
+    handshake_over_memory(dead_ctx, cctx, foreign)
     assert dead_cache.stats().breaker_state == "open"
     times: dict[str, list[float]] = {"dead": [], "miss": []}
     for _ in range(40):
         for name, ctx in (("dead", dead_ctx), ("miss", miss_ctx)):
             start = time.perf_counter()
-            assert not _handshake(ctx, cctx, foreign)[0]
+            assert not handshake_over_memory(ctx, cctx, foreign)[0]
             times[name].append(time.perf_counter() - start)
     added = statistics.median(times["dead"]) - statistics.median(times["miss"])
     assert added < 0.001, added
@@ -644,12 +594,12 @@ def test_stored_value_with_trailing_bytes_does_not_resume() -> None:
     cache = SessionCache(store)
     cache.install(ctx)
     cctx = client("1.2")
-    _, sess = _handshake(ctx, cctx)
+    _, sess = handshake_over_memory(ctx, cctx)
     (sid,) = list(store._data)
     good = store.fetch(sid, 1)
     assert good is not None
     store.store(sid, good + b"\x00" * 16, 60, 1)
-    assert not _handshake(ctx, cctx, sess)[0]
+    assert not handshake_over_memory(ctx, cctx, sess)[0]
     assert cache.stats().bad_values == 1
 
 
@@ -663,10 +613,10 @@ def test_session_of_another_session_id_context_does_not_resume(version: str) -> 
     cache_b = SessionCache(store, session_id_context=b"service-b")
     cache_b.install(b)
     cctx = client(version)
-    _, sess = _handshake(a, cctx)
-    assert not _handshake(b, cctx, sess)[0]
+    _, sess = handshake_over_memory(a, cctx)
+    assert not handshake_over_memory(b, cctx, sess)[0]
     assert cache_b.stats().hits == 1  # the store answered; OpenSSL refused the context
-    assert _handshake(a, cctx, sess)[0]  # still good for service A
+    assert handshake_over_memory(a, cctx, sess)[0]  # still good for service A
 
 
 def test_session_of_another_protocol_version_does_not_resume() -> None:
@@ -680,10 +630,11 @@ def test_session_of_another_protocol_version_does_not_resume() -> None:
     cache_a.install(a)
     cache_b.install(b)
     cctx = SSL.Context(SSL.TLS_CLIENT_METHOD)  # TLS 1.2 and 1.3
-    reused, sess = _handshake(a, cctx)
+    reused, sess = handshake_over_memory(a, cctx)
     assert not reused and cache_a.stats().stores == 1
-    assert _handshake(a, cctx, sess)[0]  # a TLS 1.2 session, resumable where 1.2 is spoken
-    assert not _handshake(b, cctx, sess)[0]
+    # A TLS 1.2 session, resumable where 1.2 is spoken.
+    assert handshake_over_memory(a, cctx, sess)[0]
+    assert not handshake_over_memory(b, cctx, sess)[0]
 
 
 def test_session_past_its_own_timeout_does_not_resume() -> None:
@@ -694,13 +645,13 @@ def test_session_past_its_own_timeout_does_not_resume() -> None:
     cache = SessionCache(store, timeout=1)
     cache.install(ctx)
     cctx = client("1.2")
-    _, sess = _handshake(ctx, cctx)
+    _, sess = handshake_over_memory(ctx, cctx)
     (sid,) = list(store._data)
     value = store.fetch(sid, 1)
     assert value is not None
     time.sleep(2.2)  # OpenSSL's session clock has a resolution of one second
     store.store(sid, value, 300, 1)  # a misbehaving store: still there
-    assert not _handshake(ctx, cctx, sess)[0]
+    assert not handshake_over_memory(ctx, cctx, sess)[0]
     assert cache.stats().hits == 1
 
 
@@ -806,10 +757,10 @@ def test_cipher_policy_is_bound_by_the_session_id_context() -> None:
     SessionCache(store, session_id_context=b"svc/policy-1").install(new_same_ctx)
     SessionCache(store, session_id_context=b"svc/policy-2").install(new_own_ctx)
     cctx = client("1.2")
-    _, sess = _handshake(old, cctx)
+    _, sess = handshake_over_memory(old, cctx)
     # OpenSSL's behaviour, pinned here because the documentation relies on it:
-    assert _handshake(new_same_ctx, cctx, sess)[0]
-    assert not _handshake(new_own_ctx, cctx, sess)[0]
+    assert handshake_over_memory(new_same_ctx, cctx, sess)[0]
+    assert not handshake_over_memory(new_own_ctx, cctx, sess)[0]
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -820,5 +771,5 @@ def test_resumption_is_not_bound_to_the_server_name(version: str) -> None:
     ctx = server()
     SessionCache(MemoryStore()).install(ctx)
     cctx = client(version)
-    _, sess = _handshake(ctx, cctx, sni=b"a.example")
-    assert _handshake(ctx, cctx, sess, sni=b"b.example")[0]
+    _, sess = handshake_over_memory(ctx, cctx, sni=b"a.example")
+    assert handshake_over_memory(ctx, cctx, sess, sni=b"b.example")[0]

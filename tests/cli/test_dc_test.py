@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import pty
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.distcache.fakepeer import fake_peer, reply
-from tests.procs import running, tool
+from tests.procs import running, tool, wait_proxy_connected
 from tlscache.cli.dc_test import main
 from tlscache.distcache.client import Client
 from tlscache.distcache.protocol import Message, Operation
-from tlscache.exceptions import ServerUnavailable
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -161,20 +159,6 @@ def test_detects_a_wrong_server(
     assert "all tests complete" not in err
 
 
-def _wait_proxy_connected(address: str) -> None:
-    """dc_client answers "no server" until its first connect to dc_server completes."""
-    deadline = time.monotonic() + 10
-    with Client(address, persistent=False) as client:
-        while True:
-            try:
-                client.have(b"probe")
-                return
-            except ServerUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", [(), ("-persistent",), ("-pipeline", "8")])
 def test_passes_through_dc_client(
@@ -183,7 +167,7 @@ def test_passes_through_dc_client(
     local = f"UNIX:{tmp_path / 'dc_client.sock'}"
     argv = tool("dc_client", "-server", dc_server_tcp, "-listen", local)
     with running(argv, ready=local, stderr=subprocess.DEVNULL):
-        _wait_proxy_connected(local)
+        wait_proxy_connected(local, timeout=10.0)
         code, err = _run(capsys, "-connect", local, "-sessions", "20", "-ops", "800", *mode)
     assert code == 0, err
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import free_port, running, tool, wait_connectable
+from tests.procs import free_port, running, tool, wait_connectable, wait_proxy_connected
 from tlscache.distcache.address import connect, parse_address
 from tlscache.distcache.client import Client
 from tlscache.distcache.protocol import (
@@ -38,20 +38,6 @@ def dc_client(
     argv = tool("dc_client", "-listen", address, "-server", server, "-retry", str(RETRY_MS))
     with running([*argv, *extra], ready=address) as proc:
         yield address, proc
-
-
-def wait_until_up(proxy: str, timeout: float = 5.0) -> None:
-    """dc_client answers "no server" until its first connect completes."""
-    deadline = time.monotonic() + timeout
-    with Client(proxy, deadline_ms=1000) as client:
-        while True:
-            try:
-                client.have(b"probe")
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
 
 class Raw:
@@ -88,7 +74,7 @@ class Raw:
 @pytest.fixture
 def proxy(dc_server_tcp: str, tmp_path: Path) -> Iterator[str]:
     with dc_client(dc_server_tcp, tmp_path) as (address, _):
-        wait_until_up(address)
+        wait_proxy_connected(address)
         yield address
 
 
@@ -162,7 +148,7 @@ def test_server_killed_then_restarted(tmp_path: Path) -> None:
         threads = [threading.Thread(target=hammer, args=(proxy, n)) for n in range(3)]
         try:
             with running(argv, ready=server, stderr=subprocess.DEVNULL) as srv:
-                wait_until_up(proxy)
+                wait_proxy_connected(proxy)
                 for t in threads:
                     t.start()
                 time.sleep(0.3)
@@ -297,7 +283,7 @@ def test_bad_or_vanishing_clients_disturb_no_other(proxy: str) -> None:
 
 def test_idle_connections_are_closed(dc_server_tcp: str, tmp_path: Path) -> None:
     with dc_client(dc_server_tcp, tmp_path, "-idle", "300") as (proxy, _):
-        wait_until_up(proxy)
+        wait_proxy_connected(proxy)
         raw = Raw(proxy)
         assert raw.request(encode_have(1, b"x")).payload == b"\x01"
         t0 = time.monotonic()
@@ -308,7 +294,7 @@ def test_idle_connections_are_closed(dc_server_tcp: str, tmp_path: Path) -> None
 
 def test_max_clients(dc_server_tcp: str, tmp_path: Path) -> None:
     with dc_client(dc_server_tcp, tmp_path, "--max-clients", "2") as (proxy, proc):
-        wait_until_up(proxy)
+        wait_proxy_connected(proxy)
         keep = [Raw(proxy), Raw(proxy)]
         assert keep[0].request(encode_have(1, b"x")).payload == b"\x01"
         assert keep[1].request(encode_have(1, b"x")).payload == b"\x01"

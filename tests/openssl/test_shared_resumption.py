@@ -19,7 +19,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import free_port, running, tool
+from tests.openssl.tls_server import server_argv
+from tests.procs import free_port, running, tool, wait_proxy_connected
 from tlscache.distcache.client import Client
-from tlscache.exceptions import ClientError
 
 pytestmark = pytest.mark.integration
 
@@ -75,36 +74,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @contextlib.contextmanager
 def tls_server(certs: Certs, store: str, *extra: str) -> Iterator[Server]:
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.openssl.tls_server",
-        "--cert",
-        str(certs.chain),
-        "--key",
-        str(certs.key),
-        "--port",
-        str(port),
-        "--store",
-        store,
-        *extra,
-    ]
+    argv = server_argv(certs.chain, certs.key, port, store, *extra)
     with running(argv, ready=f"IP:127.0.0.1:{port}", stderr=subprocess.DEVNULL) as proc:
         yield Server(port, proc)
-
-
-def wait_proxy_connected(proxy: str, timeout: float = 5.0) -> None:
-    """dc_client answers "no server" until its first connect to dc_server succeeds."""
-    deadline = time.monotonic() + timeout
-    with Client(proxy) as client:
-        while True:
-            try:
-                client.have(b"probe")
-                return
-            except ClientError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
