@@ -28,7 +28,6 @@ the bottleneck of that path (one request in flight to the server at a time).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -36,10 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from pathlib import Path
 
+from tests.procs import free_port, running, wait_proxy_connected
 from tlscache.distcache.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -61,7 +59,6 @@ TARGET = 3 * C_PROXY_AGGREGATE_4
 
 SESSIONS_PER_CLIENT = 16
 DATA = b"d" * 100
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script(worker: int) -> list[tuple[bytes, int, int, bytes]]:
@@ -244,52 +241,6 @@ def _cpu_seconds(pid: int) -> float:
     return sum(_cpu_times(pid))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(target: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _connect(target).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-def _wait_proxy_up(target: str, timeout: float = 10.0) -> None:
-    """dc_client answers "no server" (empty) until its first connect completes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with _connect(target) as s:
-            s.sendall(encode_have(1, b"probe"))
-            reply = s.recv(100)
-        if len(reply) >= HEADER_SIZE and HEADER.unpack_from(reply)[6] == 1:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError("dc_client never connected to dc_server")
-        time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def _process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _c_reference(path: str, clients: int, persistent: bool) -> int:
     if path == "direct":
         if not persistent:
@@ -345,23 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     seconds = max(0.5, min(args.seconds, 3.0))  # keeps a run under two minutes
 
     py = sys.executable
-    server = f"IP:127.0.0.1:{_free_port()}"
+    server = f"IP:127.0.0.1:{free_port()}"
     rows: list[_Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         proxy = f"UNIX:{tmp}/dc_client.sock"
         proxy1 = f"UNIX:{tmp}/dc_client_1.sock"
         server_cmd = [py, "-m", "tlscache.cli.dc_server", "-listen", server, "-sessions", "60000"]
         client_cmd = [py, "-m", "tlscache.cli.dc_client", "-server", server, "--loop", args.loop]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         with (
-            _process(server_cmd) as server_proc,
-            _process([*client_cmd, "-listen", proxy]) as proxy_proc,
-            _process([*client_cmd, "-listen", proxy1, "--max-in-flight", "1"]) as proxy1_proc,
+            running(server_cmd, ready=server, **quiet) as server_proc,
+            running([*client_cmd, "-listen", proxy], ready=proxy, **quiet) as proxy_proc,
+            running(
+                [*client_cmd, "-listen", proxy1, "--max-in-flight", "1"], ready=proxy1, **quiet
+            ) as proxy1_proc,
         ):
-            _wait(server)
-            _wait(proxy)
-            _wait(proxy1)
-            _wait_proxy_up(proxy)
-            _wait_proxy_up(proxy1)
+            wait_proxy_connected(proxy, timeout=10.0)
+            wait_proxy_connected(proxy1, timeout=10.0)
 
             def run(
                 path: str,
