@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
@@ -351,3 +352,26 @@ def test_half_closed_client_still_gets_its_answers(proxy: str) -> None:
     assert [raw.read().uid, raw.read().uid] == [1, 2]
     assert raw.closed()
     raw.close()
+
+
+@pytest.mark.parametrize("kind", ["proxy", "snoop"])
+def test_stop_before_serve_is_not_lost(kind: str, tmp_path: Path) -> None:
+    """A stop request that arrives while the tool starts up (before serve runs) still stops it."""
+    from tlscache.distcache.address import listen, parse_address
+    from tlscache.distcache.proxy import ProxyServer
+    from tlscache.distcache.snoop import Log, SnoopServer
+
+    sock = listen(parse_address(f"UNIX:{tmp_path / 'l.sock'}"))
+    upstream = parse_address(f"IP:127.0.0.1:{free_port()}")
+    server: ProxyServer | SnoopServer = (
+        ProxyServer(sock, upstream) if kind == "proxy" else SnoopServer(sock, upstream, Log(None))
+    )
+
+    async def scenario() -> None:
+        server.stop()
+        await asyncio.wait_for(server.serve(), timeout=5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        sock.close()

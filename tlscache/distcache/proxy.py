@@ -787,7 +787,9 @@ class ProxyServer:
         self.clients_seen = 0
         self._connecting = False
         self._single = False  # FD: listener that is itself one connection
-        self._stopped: asyncio.Event | None = None
+        # Created up front so that a stop() before serve() runs (a signal during
+        # start-up) is not lost.
+        self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -872,7 +874,7 @@ class ProxyServer:
                 return
         finally:
             self._connecting = False
-        if self._stopped is not None and self._stopped.is_set():
+        if self._stopped.is_set():
             if proto.transport is not None:
                 proto.transport.close()
             return
@@ -881,12 +883,11 @@ class ProxyServer:
         self.apply()
 
     def connection_gone(self) -> None:
-        if self._single and self.core.clients == 0 and self._stopped is not None:
+        if self._single and self.core.clients == 0:
             self._stopped.set()
 
     def stop(self) -> None:
-        if self._stopped is not None:
-            self._stopped.set()
+        self._stopped.set()
 
     async def _ticker(self) -> None:
         period = self.core.next_tick()
@@ -899,7 +900,6 @@ class ProxyServer:
         """Run until :meth:`stop` (or, with an FD: listen address, until its one client goes)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._stopped = asyncio.Event()
         accepting = True
         try:
             accepting = bool(self.listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

@@ -437,7 +437,9 @@ class SnoopServer:
         self.connect_timeout = connect_timeout
         self.connections = 0
         self.pairs: set[_Pair] = set()
-        self._stopped: asyncio.Event | None = None
+        # Created up front so that a stop() before serve() runs (a signal during
+        # start-up) is not lost.
+        self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -502,13 +504,11 @@ class SnoopServer:
         self.pairs.discard(pair)
 
     def stop(self) -> None:
-        if self._stopped is not None:
-            self._stopped.set()
+        self._stopped.set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._stopped = asyncio.Event()
         self.listener.setblocking(False)
         if self.listener.family == socket.AF_UNIX:
             srv = await loop.create_unix_server(self._accepted, sock=self.listener)
