@@ -252,3 +252,188 @@ def test_call_finishing_during_close_does_not_refill_the_pool() -> None:
         client._lock = CloseWhileWaiting()  # type: ignore[assignment]
         assert client.have(SID) is True
         assert client._idle == []
+
+
+# ------------------------------------------------------------ add_nowait (pipelined ADDs)
+
+
+@pytest.mark.integration
+def test_add_nowait_then_get_on_the_same_client(dc_server: str) -> None:
+    with Client(dc_server) as client:
+        client.add_nowait(SID, b"D" * 1500, 60_000)
+        assert len(client._idle) == 1
+        assert list(client._idle[0].owed) != []  # the reply is owed, not read
+        assert client.get(SID) == b"D" * 1500  # reads the owed reply first, same connection
+        assert len(client._idle) == 1
+        assert not client._idle[0].owed
+        client.add_nowait(SID, b"E" * 1500, 60_000)  # ADD_MATCHING_SESSION: counts as stored
+        assert client.have(SID) is True
+        assert client.nowait_failures == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("finish", ["close", "drain"])
+def test_many_add_nowait_all_stored(dc_server_tcp: str, finish: str) -> None:
+    sids = [f"many-{i}".encode() for i in range(300)]
+    client = Client(dc_server_tcp, max_owed=16)
+    for sid in sids:
+        client.add_nowait(sid, sid * 10, 60_000)
+        assert len(client._idle[0].owed) <= 16  # bounded: read before sending more
+    if finish == "drain":
+        assert client.drain() is True
+        assert not client._idle[0].owed
+    client.close()
+    assert client.nowait_failures == 0
+    with Client(dc_server_tcp) as check:
+        assert all(check.get(sid) == sid * 10 for sid in sids)
+
+
+def test_owed_error_replies_do_not_break_the_next_call() -> None:
+    answers = {Operation.ADD: b"\x66", Operation.HAVE: b"\x00", Operation.GET: b"\x01"}
+    with fake_peer(lambda m: reply(m, answers[m.operation])) as address, Client(address) as client:
+        client.add_nowait(SID, b"data", 1000)  # refused: ADD_TIMEOUT_RANGE
+        client.add_nowait(SID, b"data", 1000)
+        assert client.have(SID) is True
+        assert client.nowait_failures == 2
+        assert len(client._idle) == 1  # a refusal is an answer: the connection stays
+        answers[Operation.ADD] = b""  # dc_client's "no server"
+        client.add_nowait(SID, b"data", 1000)
+        assert client.get(SID) is None
+        assert client.nowait_failures == 3
+        assert len(client._idle) == 1
+
+
+@pytest.mark.integration
+def test_owed_duplicate_id_against_dc_server(dc_server_unix: str) -> None:
+    with Client(dc_server_unix) as client:
+        for _ in range(5):
+            client.add_nowait(SID, b"D" * 300, 60_000)  # 0x65 four times: "stored"
+        assert client.get(SID) == b"D" * 300
+        assert client.nowait_failures == 0
+
+
+@pytest.mark.parametrize("bad", ["uid", "operation", "garbage"])
+def test_mismatched_owed_reply_discards_the_connection(bad: str) -> None:
+    conns: list[int] = []
+
+    def handler(m: Message) -> bytes:
+        if m.operation != Operation.ADD:
+            return reply(m, b"\x00")
+        conns.append(m.uid)
+        if bad == "uid":
+            return _wrong_uid(m)
+        if bad == "operation":
+            return _wrong_op(m)
+        return reply(m, b"\x00\x00\x00")  # an ADD answered with three bytes
+
+    with fake_peer(handler) as address, Client(address) as client:
+        client.add_nowait(SID, b"data", 1000)
+        owing = client._idle[0]
+        assert client.have(SID) is True  # resent on a fresh connection
+        assert client.nowait_failures == 1
+        assert client._idle and client._idle[0] is not owing
+        assert owing.sock.fileno() == -1  # closed, never reused
+
+
+@pytest.mark.integration
+def test_server_dies_with_replies_owed() -> None:
+    address = f"IP:127.0.0.1:{free_port()}"
+    argv = tool("dc_server", "-listen", address)
+    with Client(address, deadline_ms=3000) as client:
+        with running(argv, ready=address, stderr=subprocess.DEVNULL):
+            for i in range(10):
+                client.add_nowait(b"%d" % i + SID, b"D" * 200, 60_000)
+        # Nobody listening: the broken connection is dropped, the new one refused.
+        started = time.monotonic()
+        with pytest.raises(ClientError):
+            client.have(SID, deadline_ms=500)
+        assert time.monotonic() - started < 1.0
+        assert not client._idle
+        with running(argv, ready=address, stderr=subprocess.DEVNULL):
+            client.add_nowait(SID, b"D" * 200, 60_000)
+        with running(argv, ready=address, stderr=subprocess.DEVNULL):
+            # The pooled connection (owing one reply) died with the old server: the
+            # send goes out on a fresh connection, and so does the next call.
+            assert client.have(SID) is False
+            client.add_nowait(SID, b"D" * 200, 60_000)
+            assert client.have(SID) is True
+            assert len(client._idle) == 1
+
+
+def test_owed_replies_that_never_come_cost_at_most_the_deadline() -> None:
+    with silent_peer() as address, Client(address, deadline_ms=100, max_owed=2) as client:
+        client.add_nowait(SID, b"data", 1000)
+        client.add_nowait(SID, b"data", 1000)  # never blocks while under the bound
+        started = time.monotonic()
+        with pytest.raises(ClientTimeout):
+            client.add_nowait(SID, b"data", 1000)  # 2 owed: waits for them, in vain
+        assert 0.05 < time.monotonic() - started < 1.0
+        assert client.nowait_failures == 2
+        assert not client._idle  # discarded
+        client.add_nowait(SID, b"data", 1000)  # a fresh connection
+        started = time.monotonic()
+        with pytest.raises(ClientTimeout):
+            client.get(SID, deadline_ms=50)
+        assert time.monotonic() - started < 1.0
+        assert client.nowait_failures == 3
+    assert client.drain() is True
+
+
+@pytest.mark.integration
+def test_add_nowait_per_op_mode_is_a_blocking_add(dc_server_tcp: str) -> None:
+    with Client(dc_server_tcp, persistent=False) as client:
+        client.add_nowait(SID, b"D" * 100, 60_000)
+        assert client._idle == []
+        assert client.have(SID) is True
+        with pytest.raises(ValueError):
+            client.add_nowait(SID, b"", 60_000)
+
+
+@pytest.mark.integration
+def test_threads_hammer_add_nowait_and_get(dc_server_tcp: str) -> None:
+    errors: list[BaseException] = []
+    client = Client(dc_server_tcp, pool_size=3, deadline_ms=5000, max_owed=8)
+    # 480 sessions: within dc_server's default capacity of 512.
+    sids = [[f"h{n}-{i}".encode() for i in range(80)] for n in range(6)]
+
+    def work(n: int) -> None:
+        try:
+            for sid in sids[n]:
+                client.add_nowait(sid, sid * 8, 60_000)
+                got = client.get(sid)
+                # Usually the same connection (so in order); another one may overtake.
+                assert got in (sid * 8, None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    client.close()
+    assert not errors
+    assert client.nowait_failures == 0
+    assert client._idle == []
+    with Client(dc_server_tcp) as check:
+        assert all(check.have(sid) for group in sids for sid in group)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_never_reads_the_parents_owed_replies(dc_server_unix: str) -> None:
+    with Client(dc_server_unix) as client:
+        client.add_nowait(SID, b"parent" * 20, 60_000)
+        parent_conn = client._idle[0]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            client.add_nowait(b"child", b"child" * 20, 60_000)
+            ok = client._idle[0] is not parent_conn and client.get(b"child") == b"child" * 20
+            client.close()
+            os._exit(0 if ok and client.nowait_failures == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client._idle == [parent_conn] and len(parent_conn.owed) == 1
+        assert client.get(SID) == b"parent" * 20
+        assert client.nowait_failures == 0

@@ -31,6 +31,7 @@ class FakeClient:
         self.add_results = add_results or [Result.OK]
         self.raise_exc: Exception | None = None
         self.closed = False
+        self.nowait_failures = 0
 
     def _maybe_raise(self) -> None:
         if self.raise_exc is not None:
@@ -40,6 +41,10 @@ class FakeClient:
         self.calls.append(("add", sid, data, timeout_ms, deadline_ms))
         self._maybe_raise()
         return self.add_results.pop(0) if len(self.add_results) > 1 else self.add_results[0]
+
+    def add_nowait(self, sid: bytes, data: bytes, timeout_ms: int, *, deadline_ms: float) -> None:
+        self.calls.append(("add_nowait", sid, data, timeout_ms, deadline_ms))
+        self._maybe_raise()
 
     def get(self, sid: bytes, *, deadline_ms: float) -> bytes | None:
         self.calls.append(("get", sid, deadline_ms))
@@ -64,19 +69,21 @@ def make(fake: FakeClient, **kw: Any) -> DistcacheStore:
     return DistcacheStore("UNIX:/nonexistent", client=cast(Client, fake), **kw)
 
 
-def test_ttl_and_deadline_conversion() -> None:
+@pytest.mark.parametrize("confirm", [False, True], ids=["pipelined", "confirmed"])
+def test_ttl_and_deadline_conversion(confirm: bool) -> None:
     fake = FakeClient()
-    store = make(fake)
+    store = make(fake, confirm_writes=confirm)
     store.store(b"id", b"0value", 300.0001, 0.02)
     store.store(b"id", b"0value", 30 * 86400, 0.02)  # clamped to dc_server's 7-day maximum
     store.store(b"id", b"0value", -5, 0.02)
     assert [c[3] for c in fake.calls] == [300001, MAX_TIMEOUT_MS, 0]
+    assert {c[0] for c in fake.calls} == {"add" if confirm else "add_nowait"}
     assert fake.calls[0][4] == pytest.approx(20.0)
 
 
 def test_add_matching_session_policies() -> None:
     fake = FakeClient([Result.ADD_MATCHING_SESSION])
-    make(fake).store(b"id", b"v", 10, 0.1)  # keep: success
+    make(fake, confirm_writes=True).store(b"id", b"v", 10, 0.1)  # keep: success
     assert [c[0] for c in fake.calls] == ["add"]
 
     fake = FakeClient([Result.ADD_MATCHING_SESSION, Result.OK])
@@ -85,7 +92,7 @@ def test_add_matching_session_policies() -> None:
 
     fake = FakeClient([Result.ADD_TIMEOUT_RANGE])
     with pytest.raises(StoreError, match="ADD_TIMEOUT_RANGE"):
-        make(fake).store(b"id", b"v", 10, 0.1)
+        make(fake, confirm_writes=True).store(b"id", b"v", 10, 0.1)
     with pytest.raises(ConfigurationError):
         make(FakeClient(), on_exists=cast(Any, "overwrite"))
 
@@ -164,12 +171,13 @@ def test_through_dc_client_and_server_down(dc_server_tcp: str, tmp_path: Path) -
         deadline = time.monotonic() + 5
         while True:  # dc_client connects to the server on its first loop pass
             try:
-                store.store(b"via-proxy", b"0value", 60, 1.0)
+                store.contains(b"via-proxy")
                 break
             except StoreError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        assert store.fetch(b"via-proxy", 1.0) == b"0value"
+        store.store(b"via-proxy", b"0value", 60, 1.0)  # pipelined: not waited for
+        assert store.fetch(b"via-proxy", 1.0) == b"0value"  # forwarded in order
     # dc_client with no server answers at once with "no server": a StoreError, quickly.
     dead = f"IP:127.0.0.1:{free_port()}"
     argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
@@ -189,3 +197,61 @@ def test_nothing_listening_is_a_store_error(tmp_path: Path) -> None:
             store.fetch(b"x", 0.05)
         with pytest.raises(StoreError):
             store.store(b"x", b"v", 1, 0.05)
+
+
+def test_pipelined_write_failures_surface_on_the_next_store() -> None:
+    fake = FakeClient()
+    fake.nowait_failures = 3  # before the store existed: not this store's to report
+    store = make(fake)
+    store.store(b"id", b"v", 10, 0.1)
+    fake.nowait_failures = 5  # two sent writes turned out not stored
+    with pytest.raises(StoreError, match="2 earlier"):
+        store.store(b"id2", b"v", 10, 0.1)
+    assert [c[1] for c in fake.calls] == [b"id", b"id2"]  # id2 was sent all the same
+    store.store(b"id3", b"v", 10, 0.1)  # reported once
+    assert store.write_failures == 5
+
+
+@pytest.mark.integration
+def test_pipelined_writes_against_dc_server(dc_server: str) -> None:
+    with DistcacheStore(dc_server) as store, Client(dc_server) as other:
+        sids = [bytes([i]) * 32 for i in range(1, 101)]
+        for sid in sids:
+            store.store(sid, b"\x30" + sid, 60, 0.02)
+        assert store.fetch(sids[-1], 1.0) == b"\x30" + sids[-1]  # same connection: in order
+        assert all(other.have(sid) for sid in sids)
+        for sid in sids[:10]:
+            store.store(sid, b"\x30" + sid, 60, 0.02)  # duplicates: kept, no error
+        assert store.contains(sids[0])
+        assert store.write_failures == 0
+
+
+@pytest.mark.integration
+def test_pipelined_writes_to_dc_client_without_server(tmp_path: Path) -> None:
+    from tlscache import SessionCache
+
+    proxy = f"UNIX:{tmp_path / 'dc_client.sock'}"
+    dead = f"IP:127.0.0.1:{free_port()}"
+    argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
+    with running(argv, ready=proxy), DistcacheStore(proxy) as store:
+        store.store(b"lost-1", b"0value", 60, 0.5)  # sent; dc_client answers "no server"
+        for _ in range(50):
+            try:
+                store.store(b"lost-2", b"0value", 60, 0.5)
+            except StoreError as exc:
+                assert "not stored" in str(exc)
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the lost write was never reported")
+        # The breaker of a SessionCache over it opens on writes alone.
+        cache = SessionCache(store, breaker_threshold=3, breaker_reset_s=60)
+        for i in range(200):
+            cache.on_new(b"s%03d" % i, b"\x30" + b"x" * 100, 300)
+            if cache.stats().breaker_state == "open":
+                break
+            time.sleep(0.002)
+        stats = cache.stats()
+        assert stats.breaker_state == "open"
+        assert stats.store_errors >= 3
+        cache.close()

@@ -36,6 +36,18 @@ class DistcacheStore(SessionStore):
     success, since session ids are random and the existing entry is that same
     session; ``"replace"`` removes and re-adds, spending two more round trips.
     distcache has no atomic get-and-delete, so ``supports_take`` is False.
+
+    Writes are pipelined by default: :meth:`store` sends the ADD and returns
+    without waiting for the reply (``Client.add_nowait``); the reply is read and
+    checked by the next call on that connection. The ADD is in the kernel's
+    hands when :meth:`store` returns, so the server sees it before any later
+    request of this process (through a dc_client too: it forwards in order).
+    Failures then surface late: a write that turns out not stored (refused,
+    "no server", connection lost) makes the *next* :meth:`store` raise
+    :class:`StoreError` after sending its own ADD, so a caller's failure counts
+    and circuit breaker still see a failing store; :attr:`write_failures`
+    counts them. ``confirm_writes=True`` waits for every reply instead (one
+    round trip per write); ``on_exists="replace"`` always does.
     """
 
     supports_take = False
@@ -47,6 +59,7 @@ class DistcacheStore(SessionStore):
         on_exists: OnExists = "keep",
         persistent: bool = True,
         pool_size: int = 8,
+        confirm_writes: bool = False,
         client: Client | None = None,
     ) -> None:
         if on_exists not in ("keep", "replace"):
@@ -57,7 +70,14 @@ class DistcacheStore(SessionStore):
             client = Client(address, persistent=persistent, pool_size=pool_size)
         self.address = address
         self.on_exists: OnExists = on_exists
+        self.confirm_writes = confirm_writes
         self._client = client
+        self._failures_reported = client.nowait_failures
+
+    @property
+    def write_failures(self) -> int:
+        """Pipelined writes found not stored (see the class docstring)."""
+        return self._client.nowait_failures
 
     @staticmethod
     def _ms(deadline_s: float) -> float:
@@ -75,6 +95,9 @@ class DistcacheStore(SessionStore):
         if not value:
             raise StoreError("empty session value")
         timeout_ms = min(MAX_TIMEOUT_MS, max(0, math.ceil(ttl_s * 1000.0)))
+        if not self.confirm_writes and self.on_exists == "keep":
+            self._store_nowait(session_id, value, timeout_ms, deadline_s)
+            return
         end = time.monotonic() + deadline_s
         try:
             result = self._client.add(
@@ -94,6 +117,20 @@ class DistcacheStore(SessionStore):
         ):
             return
         raise StoreError(f"distcache add refused: {Result(result).name}")
+
+    def _store_nowait(
+        self, session_id: bytes, value: bytes, timeout_ms: int, deadline_s: float
+    ) -> None:
+        try:
+            self._client.add_nowait(session_id, value, timeout_ms, deadline_ms=self._ms(deadline_s))
+        except ClientTimeout as exc:
+            raise StoreTimeout(f"distcache add timed out: {exc}") from exc
+        except (ClientError, ValueError, OSError) as exc:
+            raise StoreError(f"distcache add failed: {exc}") from exc
+        failures = self._client.nowait_failures
+        if failures != self._failures_reported:
+            new, self._failures_reported = failures - self._failures_reported, failures
+            raise StoreError(f"{new} earlier distcache write(s) not stored")
 
     def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
