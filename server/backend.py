@@ -27,9 +27,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from OpenSSL import SSL
+
+if TYPE_CHECKING:
+    from tlscache import SessionCache
 
 from . import status as status_page
 
@@ -125,7 +128,7 @@ class SessionCacheSetup:
 
     def __init__(self, config: BackendConfig) -> None:
         self.mode = config.cache
-        self.cache: Any = None
+        self.cache: SessionCache | None = None
         self.dc_address = config.dc_address
         self.timeout = config.session_timeout
         self.deadline_ms = config.deadline_ms
@@ -141,7 +144,7 @@ class SessionCacheSetup:
         if self.mode == "distcache":
             if not self.dc_address:
                 raise SystemExit("--cache distcache needs --dc-address")
-            store: Any = tlscache.DistcacheStore(self.dc_address)
+            store: tlscache.SessionStore = tlscache.DistcacheStore(self.dc_address)
         else:
             store = tlscache.MemoryStore()
         self.cache = tlscache.SessionCache(
@@ -154,9 +157,10 @@ class SessionCacheSetup:
         self.cache.install(ctx)
 
     def close(self) -> None:
-        """Finish queued session writes before the process exits."""
+        """Finish session writes (queued or still owed a reply) before the process exits."""
         if self.cache is not None:
             self.cache.close(1.0)
+            self.cache.store.close()
 
     def stats(self) -> Any:
         if self.cache is None:
