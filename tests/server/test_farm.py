@@ -154,7 +154,7 @@ def test_curl_several_urls_one_full_handshake_then_resumed(shared: FarmProc) -> 
         assert len(infos) == 4, done.stdout
         return infos
 
-    # Each session is stored before the answer that precedes the next URL (sync writes).
+    # Each session is sent to the store before the answer that precedes the next URL.
     expected = [False, True, True, True]
     infos = measure(shared, fetch, lambda infos: [i["resumed"] for i in infos] == expected)
     assert [i["resumed"] for i in infos] == expected, (infos, _cache_stats(shared))
@@ -170,7 +170,7 @@ def test_python_ssl_resumption_rate_with_shared_cache(shared: FarmProc, tls: str
             HOST, shared.port, ca=str(shared.ca), tls=tls, clients=20, reconnects=5, concurrency=4
         )
 
-    # Sessions are stored before the answer each client reads (sync writes), so even TLS 1.2
+    # Sessions are sent to the store before the answer each client reads, so even TLS 1.2
     # has no race here; a store call past its deadline on a busy machine excuses a new run.
     result = measure(shared, run, lambda r: bool(r.summary()["rate"] >= 0.99))
     s = result.summary()
