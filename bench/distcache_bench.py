@@ -51,7 +51,7 @@ NOTES_MARKER: Final = "<!-- notes: kept by bench/distcache_bench.py -->"
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 # Reference figures of the C distcache 2.0 tools on the same kind of machine
-# (2 vCPU, loopback), from shared/distcache/c-baseline.md.
+# (2 vCPU, Debian 12, loopback, medians of 5 runs).
 C_PERSISTENT_100B_TCP: Final = 39_306  # dc_test -sessions 100 -ops 10000 -persistent, ops/s
 C_PERSISTENT_1500B_TCP: Final = 38_744
 C_PERSISTENT_100B_UNIX: Final = 58_686
@@ -722,8 +722,7 @@ def write_doc(results: list[Result], facts: dict[str, float], elapsed: float) ->
         f"{facts.get('load_before', 0):.1f}). Servers run on loopback; "
         "`server CPU/op` is the dc_server process's utime+stime (/proc/<pid>/stat) over the "
         "operations of the row, so it does not depend on the client's speed. C figures are "
-        "those of the C distcache 2.0 tools on the same kind of machine "
-        "(shared/distcache/c-baseline.md).",
+        "those of the C distcache 2.0 tools measured on the same kind of machine.",
         "",
         "Rows: `dc_test ...` rows run the dc_test model (random ADD/GET/REMOVE/HAVE, every "
         "answer checked) in this process; `HAVE one at a time` uses the blocking `Client`; "

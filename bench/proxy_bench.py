@@ -19,7 +19,7 @@ system, from /proc, with the kernel's share) and dc_server's: figures that do
 not depend on how busy the shared machine is, unlike the ops/s.
 
 The C figures are the reference measurements of the original distcache tools
-on the same kind of machine (docs: c-baseline): the C dc_client proxy managed
+on the same kind of machine (2 vCPU, loopback): the C dc_client proxy managed
 19,063 ops/s for one persistent dc_test, 11,854 ops/s with a connection per
 operation, and about 18,605 ops/s in aggregate with 4 clients (per-op); it is
 the bottleneck of that path (one request in flight to the server at a time).

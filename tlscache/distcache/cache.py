@@ -1,6 +1,6 @@
 """The dc_server session cache, without any I/O or clock of its own.
 
-Semantics are those of the C dc_server (see the distcache protocol notes, §7-§8):
+Semantics are those of the C dc_server (see docs/distcache.md):
 
 * every entry has an expiry time in milliseconds on the server's clock; an entry
   is expired once ``now_ms > expiry`` (strictly later), and expired entries are
