@@ -1,4 +1,4 @@
-"""The sans-IO codec against the recorded C vectors, the §9.1 checks and random input."""
+"""The sans-IO codec against the recorded C vectors, the header checks and random input."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def conversation() -> tuple[bytes, bytes]:
 
 
 def test_whole_conversation_in_one_buffer() -> None:
-    """All 34 requests pipelined in one read are answered in order (no C §9.4 bug)."""
+    """All 34 requests pipelined in one read are answered in order (C drops some)."""
     conn = CacheService(SessionCache()).connection()
     stream, expected = conversation()
     assert conn.feed(stream, T0) == expected

@@ -161,7 +161,7 @@ class SessionCache:
     def add(self, session_id: bytes, data: bytes, timeout_ms: int, now_ms: int) -> int:
         """Store a session as dc_server's ADD does; return the one-byte result code.
 
-        The checks and their order are C's (§7.3) minus the one that only concerns
+        The checks and their order are C's minus the one that only concerns
         the wire layout (an id running past the end of the payload).
         """
         if not 0 <= timeout_ms <= MAX_TIMEOUT_MS:

@@ -58,7 +58,7 @@ from tlscache.exceptions import (
     ServerUnavailable,
 )
 
-#: GET replies shorter than this are misses (protocol.md §7.4, as in the C client).
+#: GET replies shorter than this are misses, as in the C client (docs/distcache.md).
 MIN_SESSION_REPLY: Final = 5
 
 #: Replies to :meth:`Client.add_nowait` one connection may owe; the next

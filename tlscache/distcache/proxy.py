@@ -7,7 +7,7 @@ what to do: bytes for the upstream, bytes for each local client, connections
 to close, whether to reset the upstream or start connecting it.
 :class:`ProxyServer` is the asyncio shell used by the ``dc_client`` tool.
 
-Wire behaviour is the C dc_client's (protocol.md §11): each forwarded request
+Wire behaviour is the C dc_client's: each forwarded request
 gets a fresh uid from the proxy's own counter (1, 2, 3, ... never reset), its
 payload and operation are forwarded unchanged, and the client's own uid is put
 back on the answer. With no upstream connection every request is answered at
