@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Literal
+from types import TracebackType
+from typing import Literal
 
+from tlscache.distcache.client import Client
+from tlscache.distcache.protocol import Result
 from tlscache.exceptions import (
     ClientError,
     ClientTimeout,
@@ -16,15 +19,38 @@ from tlscache.exceptions import (
 
 from .base import MAX_ID_LEN, SessionStore
 
-if TYPE_CHECKING:
-    from tlscache.distcache.client import Client
-
 __all__ = ["MAX_TIMEOUT_MS", "DistcacheStore"]
 
 #: dc_server refuses ADD timeouts above 7 days (result 0x66).
 MAX_TIMEOUT_MS = 604_800_000
 
 OnExists = Literal["keep", "replace"]
+
+
+class _ClientErrors:
+    """Turns the client's exceptions into the store contract's (timeout or error)."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, ClientTimeout):
+            raise StoreTimeout(f"distcache {self.op} timed out: {exc}") from exc
+        if isinstance(exc, ClientError | ValueError | OSError):
+            raise StoreError(f"distcache {self.op} failed: {exc}") from exc
+
+
+_ADD, _GET, _REMOVE, _HAVE = (_ClientErrors(op) for op in ("add", "get", "remove", "have"))
 
 
 class DistcacheStore(SessionStore):
@@ -65,8 +91,6 @@ class DistcacheStore(SessionStore):
         if on_exists not in ("keep", "replace"):
             raise ConfigurationError("on_exists must be 'keep' or 'replace'")
         if client is None:
-            from tlscache.distcache.client import Client
-
             client = Client(address, persistent=persistent, pool_size=pool_size)
         self.address = address
         self.on_exists: OnExists = on_exists
@@ -89,8 +113,6 @@ class DistcacheStore(SessionStore):
             raise StoreError(f"session id length {len(session_id)} outside 1..{MAX_ID_LEN}")
 
     def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
-        from tlscache.distcache.protocol import Result
-
         self._check_id(session_id)
         if not value:
             raise StoreError("empty session value")
@@ -99,7 +121,7 @@ class DistcacheStore(SessionStore):
             self._store_nowait(session_id, value, timeout_ms, deadline_s)
             return
         end = time.monotonic() + deadline_s
-        try:
+        with _ADD:
             result = self._client.add(
                 session_id, value, timeout_ms, deadline_ms=self._ms(deadline_s)
             )
@@ -108,10 +130,6 @@ class DistcacheStore(SessionStore):
                 result = self._client.add(
                     session_id, value, timeout_ms, deadline_ms=self._ms(end - time.monotonic())
                 )
-        except ClientTimeout as exc:
-            raise StoreTimeout(f"distcache add timed out: {exc}") from exc
-        except (ClientError, ValueError, OSError) as exc:
-            raise StoreError(f"distcache add failed: {exc}") from exc
         if result == Result.OK or (
             result == Result.ADD_MATCHING_SESSION and self.on_exists == "keep"
         ):
@@ -121,12 +139,8 @@ class DistcacheStore(SessionStore):
     def _store_nowait(
         self, session_id: bytes, value: bytes, timeout_ms: int, deadline_s: float
     ) -> None:
-        try:
+        with _ADD:
             self._client.add_nowait(session_id, value, timeout_ms, deadline_ms=self._ms(deadline_s))
-        except ClientTimeout as exc:
-            raise StoreTimeout(f"distcache add timed out: {exc}") from exc
-        except (ClientError, ValueError, OSError) as exc:
-            raise StoreError(f"distcache add failed: {exc}") from exc
         failures = self._client.nowait_failures
         if failures != self._failures_reported:
             new, self._failures_reported = failures - self._failures_reported, failures
@@ -135,31 +149,19 @@ class DistcacheStore(SessionStore):
     def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return None  # such an id can never have been stored
-        try:
+        with _GET:
             return self._client.get(session_id, deadline_ms=self._ms(deadline_s))
-        except ClientTimeout as exc:
-            raise StoreTimeout(f"distcache get timed out: {exc}") from exc
-        except (ClientError, ValueError, OSError) as exc:
-            raise StoreError(f"distcache get failed: {exc}") from exc
 
     def delete(self, session_id: bytes, deadline_s: float) -> None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return
-        try:
+        with _REMOVE:
             self._client.remove(session_id, deadline_ms=self._ms(deadline_s))
-        except ClientTimeout as exc:
-            raise StoreTimeout(f"distcache remove timed out: {exc}") from exc
-        except (ClientError, ValueError, OSError) as exc:
-            raise StoreError(f"distcache remove failed: {exc}") from exc
 
     def contains(self, session_id: bytes, deadline_s: float = 1.0) -> bool:
         """HAVE: whether the server holds ``session_id`` (for tests and health checks)."""
-        try:
+        with _HAVE:
             return self._client.have(session_id, deadline_ms=self._ms(deadline_s))
-        except ClientTimeout as exc:
-            raise StoreTimeout(f"distcache have timed out: {exc}") from exc
-        except (ClientError, ValueError, OSError) as exc:
-            raise StoreError(f"distcache have failed: {exc}") from exc
 
     def close(self) -> None:
         self._client.close()
