@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from tests.procs import running
 from tlscache.cli.dc_test import Config, run
-from tlscache.distcache.address import Address, connect, parse_address
+from tlscache.distcache.address import Address, TcpAddress, UnixAddress, parse_address
 from tlscache.distcache.client import Client
 from tlscache.distcache.protocol import (
     Decoder,
@@ -44,6 +43,8 @@ from tlscache.distcache.protocol import (
     encode_get,
     encode_have,
 )
+from tlscache.distcache.sockets import connect
+from tlscache_farm.procs import running
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 DOC: Final = ROOT / "docs" / "bench-distcache.md"
@@ -141,11 +142,12 @@ def serve_echo(address: str, loop_kind: str) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        if addr.kind == "unix":
+        if isinstance(addr, UnixAddress):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(addr.path)
             srv = await loop.create_unix_server(_Echo, addr.path)
         else:
+            assert isinstance(addr, TcpAddress)
             srv = await loop.create_server(_Echo, addr.host, addr.port, reuse_address=True)
         await srv.serve_forever()
 

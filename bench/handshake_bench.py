@@ -3,7 +3,7 @@
     python -m bench.handshake_bench [--count 50] [--rounds 7] [--s-time 1] [--markdown FILE]
 
 Starts a dc_server, a dc_client in front of it, and four pyOpenSSL server
-processes (``tests/openssl/tls_server.py``), which differ only in where sessions
+processes (``tlscache_farm.tlsserver``), which differ only in where sessions
 live (``--writes`` picks synchronous, the default, or asynchronous session writes):
 
 * ``internal``  — OpenSSL's own in-process cache (the baseline);
@@ -48,9 +48,10 @@ from pathlib import Path
 
 from OpenSSL import SSL
 
-from tests.openssl.tls_server import server_argv
-from tests.procs import ROOT, free_port, running, tool, wait_connectable, wait_proxy_connected
-from tests.tlsutil import VERSIONS, client_context, handshake_over_memory
+from tlscache_farm.procs import free_port, running, tool, wait_connectable, wait_proxy_connected
+from tlscache_farm.tlsclient import VERSIONS, client_context, handshake_over_memory, server_argv
+
+ROOT = Path(__file__).resolve().parent.parent  # the TLS server runs from the checkout
 
 MODES = ("internal", "memory", "dc_client", "dc_server")
 S_TIME_MODES = ("internal", "dc_client", "dc_server")

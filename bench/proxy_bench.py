@@ -37,7 +37,6 @@ import tempfile
 import time
 from multiprocessing.connection import Connection
 
-from tests.procs import free_port, running, wait_proxy_connected
 from tlscache.distcache.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -47,6 +46,7 @@ from tlscache.distcache.protocol import (
     encode_remove,
     encode_response,
 )
+from tlscache_farm.procs import free_port, running, wait_proxy_connected
 
 # Reference figures of the C distcache (ops/s), from the baseline measurements.
 C_PROXY_PERSISTENT = 19_063  # 1 dc_test -persistent via C dc_client

@@ -21,11 +21,16 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating the virtualenv .venv/"
   "$PY" -m venv .venv
 fi
 stamp=.venv/.tlscache-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev,farm,uvloop]'
+  # pip prints one line per package it collects and installs: a first run takes about a minute.
+  echo "bootstrap: [1/2] upgrading pip in .venv/"
+  .venv/bin/python -m pip install --upgrade pip
+  echo "bootstrap: [2/2] installing tlscache (editable) with its farm, dev and uvloop extras"
+  .venv/bin/python -m pip install -e '.[dev,farm,uvloop]'
   touch "$stamp"
+  echo "bootstrap: .venv/ is ready"
 fi

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+from . import httpd
+from .records import BalancerBackend, BalancerStatus, encode
 
 CONNECT_TIMEOUT = 2.0
 BUFFER = 65536
@@ -36,15 +37,15 @@ class BackendCounters:
     bytes_down: int = 0
     last_failure: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "address": f"{self.host}:{self.port}",
-            "connections": self.connections,
-            "active": self.active,
-            "connect_failures": self.failures,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-        }
+    def record(self) -> BalancerBackend:
+        return BalancerBackend(
+            address=f"{self.host}:{self.port}",
+            connections=self.connections,
+            active=self.active,
+            connect_failures=self.failures,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+        )
 
 
 @dataclass
@@ -119,36 +120,22 @@ class Balancer:
         except (OSError, RuntimeError):
             w.close()  # a reset on one side resets the other
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
-            "strategy": "round-robin",
-            "accepted": self.accepted,
-            "rejected": self.rejected,
-            "backends": [b.as_dict() for b in self.backends],
-        }
+    def status(self) -> BalancerStatus:
+        """Read from the admin thread: a snapshot of counters the event loop keeps moving."""
+        return BalancerStatus(
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started, 1),
+            strategy="round-robin",
+            accepted=self.accepted,
+            rejected=self.rejected,
+            backends=[b.record() for b in self.backends],
+        )
 
-    async def admin(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        """Minimal HTTP/1.0 responder for ``GET /status.json``."""
-        try:
-            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5.0)
-            parts = head.split(b" ", 2)
-            path = parts[1].decode("latin-1") if len(parts) > 1 else "/"
-            if path.split("?")[0] in ("/", "/status.json"):
-                body = json.dumps(self.status()).encode() + b"\n"
-                w.write(
-                    b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-            else:
-                w.write(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            await w.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
-        finally:
-            w.close()
+    def admin_route(self, request: httpd.Request) -> httpd.Response:
+        """``GET /status.json`` on the plain-HTTP admin port."""
+        if request.path in ("/", "/status.json"):
+            return httpd.json(encode(self.status()))
+        return httpd.text(404, "not found\n")
 
 
 def parse_backend(text: str) -> BackendCounters:
@@ -162,7 +149,7 @@ async def run(args: argparse.Namespace) -> None:
     bal = Balancer(list(args.backend), max_connections=args.max_connections)
     bal._slots = asyncio.Semaphore(args.max_connections)
     server = await asyncio.start_server(bal.handle, args.host, args.port, backlog=511)
-    admin = await asyncio.start_server(bal.admin, args.host, args.admin_port)
+    admin = httpd.HttpServer(args.host, args.admin_port, bal.admin_route)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,8 +160,11 @@ async def run(args: argparse.Namespace) -> None:
         f"status http://{args.host}:{args.admin_port}/status.json",
         flush=True,
     )
-    async with server, admin:
-        await stop.wait()
+    try:
+        async with server:
+            await stop.wait()
+    finally:
+        admin.close()
 
 
 def main(argv: list[str] | None = None) -> int:

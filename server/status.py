@@ -6,9 +6,13 @@ so that nothing on a status page is computed differently from what the JSON says
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import html
-from typing import Any
+
+from tlscache import CacheStats
+
+from .records import BackendStatus, BalancerBackend, FarmStatus, Handshake
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
@@ -30,12 +34,12 @@ def page(title: str, body: str, refresh: int | None = None) -> str:
     )
 
 
-def _e(value: Any) -> str:
+def _e(value: object) -> str:
     return html.escape("-" if value is None else str(value))
 
 
-def _ms(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.2f}"
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -44,7 +48,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _yes(flag: Any) -> str:
+def _yes(flag: bool) -> str:
     return '<span class="yes">resumed</span>' if flag else '<span class="no">full</span>'
 
 
@@ -67,128 +71,111 @@ def _rate(resumed: int, full: int) -> str:
     return f"{100.0 * resumed / total:.1f}%" if total else "-"
 
 
-def _cache_rows(cache: Any) -> list[list[str]]:
-    """Flatten cache statistics (whatever shape the cache reports) into key/value rows."""
+def _cache_rows(cache: CacheStats) -> list[list[str]]:
+    """Every counter of the cache statistics as a key/value row."""
     rows: list[list[str]] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(value, list) and len(value) > 8:
-            rows.append([_e(prefix), _e(f"[{len(value)} values]")])
+    for f in dataclasses.fields(cache):
+        value = getattr(cache, f.name)
+        if isinstance(value, tuple) and len(value) > 8:
+            rows.append([_e(f.name), _e(f"[{len(value)} values]")])
         elif isinstance(value, float):
-            rows.append([_e(prefix), _e(f"{value:.3f}")])
+            rows.append([_e(f.name), _e(f"{value:.3f}")])
         else:
-            rows.append([_e(prefix), _e(value)])
-
-    walk("", cache)
+            rows.append([_e(f.name), _e(value)])
     return rows
 
 
-def _recent_rows(recent: list[dict[str, Any]], with_backend: bool) -> list[list[str]]:
+def _recent_rows(recent: list[Handshake], with_backend: bool) -> list[list[str]]:
     rows = []
     for r in reversed(recent):
-        when = datetime.datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S.%f")[:-3]
+        when = datetime.datetime.fromtimestamp(r.time).strftime("%H:%M:%S.%f")[:-3]
         row = [_e(when)]
         if with_backend:
-            row.append(_e(r.get("backend")))
-        row += [
-            _yes(r.get("resumed")),
-            f"<code>{_e(r.get('session_id'))}</code>",
-            _e(r.get("version")),
-            _ms(r.get("handshake_ms")),
-        ]
+            row.append(_e(r.backend))
+        row += [_yes(r.resumed), f"<code>{_e(r.session_id)}</code>", _e(r.version)]
+        row.append(_ms(r.handshake_ms))
         rows.append(row)
     return rows
 
 
-def render_backend(s: dict[str, Any]) -> str:
+def _cache_html(s: BackendStatus) -> str:
+    if s.cache is not None:
+        return _table(["cache counter", "value"], _cache_rows(s.cache))
+    if s.cache_error is not None:
+        return f"<p>Session cache <b>{_e(s.cache_mode)}</b>: {_e(s.cache_error)}</p>"
+    return f"<p>Session cache: <b>{_e(s.cache_mode)}</b>.</p>"
+
+
+def render_backend(s: BackendStatus) -> str:
     """One backend's page: its handshakes, latency and cache counters."""
-    hs = s["handshakes"]
-    lat = s["handshake_ms"]
+    hs, lat = s.handshakes, s.handshake_ms
     summary = _table(
         ["connections", "active", "requests", "full", "resumed", "failed", "resumed share"],
         [
             [
-                _e(s["connections"]),
-                _e(s["active"]),
-                _e(s["requests"]),
-                _e(hs["full"]),
-                _e(hs["resumed"]),
-                _e(hs["failed"]),
-                _rate(hs["resumed"], hs["full"]),
+                _e(s.connections),
+                _e(s.active),
+                _e(s.requests),
+                _e(hs.full),
+                _e(hs.resumed),
+                _e(hs.failed),
+                _rate(hs.resumed, hs.full),
             ]
         ],
     )
     latency = _table(
         ["server handshake ms", "p50", "p99"],
         [
-            ["full", _ms(lat["full"]["p50"]), _ms(lat["full"]["p99"])],
-            ["resumed", _ms(lat["resumed"]["p50"]), _ms(lat["resumed"]["p99"])],
+            ["full", _ms(lat.full.p50), _ms(lat.full.p99)],
+            ["resumed", _ms(lat.resumed.p50), _ms(lat.resumed.p99)],
         ],
     )
-    cache = s.get("cache")
-    cache_html = (
-        _table(["cache counter", "value"], _cache_rows(cache))
-        if cache
-        else f"<p>Session cache: <b>{_e(s['cache_mode'])}</b>.</p>"
-    )
     recent = _table(
-        ["time", "handshake", "session id", "TLS", "ms"],
-        _recent_rows(s.get("recent", []), with_backend=False),
+        ["time", "handshake", "session id", "TLS", "ms"], _recent_rows(s.recent, with_backend=False)
     )
     body = (
-        f"<p>pid {_e(s['pid'])}, TLS &le; {_e(s['tls'])}, cache <b>{_e(s['cache_mode'])}</b> "
-        f"({_e(s.get('dc_address'))}), up {_e(s['uptime_s'])} s.</p>"
-        f"{summary}{latency}<h2>Session cache</h2>{cache_html}"
+        f"<p>pid {_e(s.pid)}, TLS &le; {_e(s.tls)}, cache <b>{_e(s.cache_mode)}</b> "
+        f"({_e(s.dc_address)}), up {_e(s.uptime_s)} s.</p>"
+        f"{summary}{latency}<h2>Session cache</h2>{_cache_html(s)}"
         f"<h2>Recent handshakes</h2>{recent}"
     )
-    return page(f"tlscache backend {s['name']}", body, refresh=5)
+    return page(f"tlscache backend {s.name}", body, refresh=5)
 
 
-def render_farm(data: dict[str, Any]) -> str:
+def _backend_row(s: BackendStatus, balancer: BalancerBackend | None) -> list[str]:
+    hs, lat, cache = s.handshakes, s.handshake_ms, s.cache
+    return [
+        _e(s.name),
+        _e(balancer.connections if balancer else None),
+        _e(hs.full),
+        _e(hs.resumed),
+        _rate(hs.resumed, hs.full),
+        _e(cache.hits if cache else None),
+        _e(cache.misses if cache else None),
+        _ms(lat.full.p50) + " / " + _ms(lat.resumed.p50),
+        _e(_lookup_latency(cache)),
+    ]
+
+
+def render_farm(data: FarmStatus) -> str:
     """The farm's page: who resumed where, hit/miss and cache latency for every backend."""
     procs = _table(
         ["process", "pid", "state", "address", ""],
         [
-            [
-                _e(p["name"]),
-                _e(p.get("pid")),
-                _state(p["state"]),
-                _e(p.get("address")),
-                _control(p["name"], p["state"]),
-            ]
-            for p in data.get("processes", [])
+            [_e(p.name), _e(p.pid), _state(p.state), _e(p.address), _control(p.name, p.state)]
+            for p in data.processes
         ],
     )
     rows = []
-    recent: list[dict[str, Any]] = []
-    bal = data.get("balancer") or {}
-    bal_counts = {b["address"]: b for b in bal.get("backends", [])}
-    for b in data.get("backends", []):
-        s = b.get("status")
-        if not s:
-            rows.append([_e(b["name"]), '<b class="dead">unreachable</b>'] + ["-"] * 7)
+    recent: list[Handshake] = []
+    bal_counts = {b.address: b for b in data.balancer.backends} if data.balancer else {}
+    for b in data.backends:
+        s = b.status
+        if s is None:
+            rows.append([_e(b.name), '<b class="dead">unreachable</b>'] + ["-"] * 7)
             continue
-        hs = s["handshakes"]
-        lat = s["handshake_ms"]
-        cache = s.get("cache") or {}
-        lb = bal_counts.get(b.get("address", ""), {})
-        rows.append(
-            [
-                _e(s["name"]),
-                _e(lb.get("connections")),
-                _e(hs["full"]),
-                _e(hs["resumed"]),
-                _rate(hs["resumed"], hs["full"]),
-                _e(cache.get("hits") if isinstance(cache, dict) else None),
-                _e(cache.get("misses") if isinstance(cache, dict) else None),
-                _ms(lat["full"]["p50"]) + " / " + _ms(lat["resumed"]["p50"]),
-                _e(_lookup_latency(cache)),
-            ]
-        )
-        recent += [dict(r, backend=s["name"]) for r in s.get("recent", [])]
+        rows.append(_backend_row(s, bal_counts.get(b.address)))
+        recent += [dataclasses.replace(r, backend=s.name) for r in s.recent]
     backends = _table(
         [
             "backend",
@@ -203,14 +190,14 @@ def render_farm(data: dict[str, Any]) -> str:
         ],
         rows,
     )
-    recent.sort(key=lambda r: r["time"])
+    recent.sort(key=lambda r: r.time)
     who = _table(
         ["time", "backend", "handshake", "session id", "TLS", "server ms"],
         _recent_rows(recent[-60:], with_backend=True),
     )
     body = (
-        f"<p>Balancer <code>{_e(data.get('balancer_url'))}</code>, TLS &le; {_e(data.get('tls'))}, "
-        f"cache <b>{_e(data.get('cache'))}</b>. JSON: <a href='/status.json'>/status.json</a>.</p>"
+        f"<p>Balancer <code>{_e(data.balancer_url)}</code>, TLS &le; {_e(data.tls)}, "
+        f"cache <b>{_e(data.cache)}</b>. JSON: <a href='/status.json'>/status.json</a>.</p>"
         f"<h2>Backends</h2>{backends}<h2>Processes</h2>{procs}"
         "<h2>Who resumed where</h2><p>TLS 1.2: one session id, full on one backend and then "
         "resumed on others, is a session shared across the farm. TLS 1.3: every ticket has its "
@@ -220,10 +207,8 @@ def render_farm(data: dict[str, Any]) -> str:
     return page("tlscache farm", body, refresh=3)
 
 
-def _lookup_latency(cache: Any) -> str | None:
+def _lookup_latency(cache: CacheStats | None) -> str | None:
     """Store lookup latency as the cache reports it (p50 / p99, ms)."""
-    if not isinstance(cache, dict) or cache.get("latency_p50_ms") is None:
-        return None
-    if not sum(cache.get("latency_counts") or [0]):
+    if cache is None or not sum(cache.latency_counts):
         return None  # no lookup yet: "0.00 ms" would be a measurement nobody made
-    return f"{_ms(cache['latency_p50_ms'])} / {_ms(cache.get('latency_p99_ms'))} ms"
+    return f"{_ms(cache.latency_p50_ms)} / {_ms(cache.latency_p99_ms)} ms"

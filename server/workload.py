@@ -8,7 +8,6 @@ before reconnecting also means the server has handed the new session to the cach
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import sys
@@ -17,9 +16,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
-from .backend import percentile
+from .config import TlsVersion, WorkloadConfig
+from .records import ConnectionInfo, Percentiles, decode
+
+DEFAULT_WORKLOAD = WorkloadConfig()
 
 
 @dataclass
@@ -34,6 +35,31 @@ class Sample:
     origin: str | None  # backend where the offered session was made
     handshake_ms: float
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendTally:
+    """Handshakes one backend made for the workload's clients."""
+
+    full: int = 0
+    resumed: int = 0
+
+
+@dataclass(frozen=True)
+class WorkloadSummary:
+    """What the report prints of one run."""
+
+    connections: int
+    errors: int
+    skipped: int
+    offered: int  # connections that offered a session
+    resumed: int  # of those, resumed
+    resumed_elsewhere: int  # of those, on another backend than the session's origin
+    rate: float  # resumed / offered
+    per_backend: dict[str, BackendTally]
+    full_ms: Percentiles
+    resumed_ms: Percentiles
+    elapsed_s: float
 
 
 @dataclass
@@ -52,32 +78,32 @@ class WorkloadResult:
     def errors(self) -> int:
         return sum(1 for s in self.samples if s.error is not None)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> WorkloadSummary:
         ok = self.ok
         offered = [s for s in ok if s.offered]
         resumed = [s for s in offered if s.resumed]
-        per_backend: dict[str, dict[str, int]] = {}
+        tallies: dict[str, BackendTally] = {}
         for s in ok:
-            row = per_backend.setdefault(s.backend or "?", {"full": 0, "resumed": 0})
-            row["resumed" if s.resumed else "full"] += 1
-        full_ms = [s.handshake_ms for s in ok if not s.resumed]
-        res_ms = [s.handshake_ms for s in ok if s.resumed]
-        return {
-            "connections": len(self.samples),
-            "errors": self.errors,
-            "skipped": self.skipped,
-            "offered": len(offered),
-            "resumed": len(resumed),
-            "resumed_elsewhere": sum(1 for s in resumed if s.origin and s.origin != s.backend),
-            "rate": len(resumed) / len(offered) if offered else 0.0,
-            "per_backend": dict(sorted(per_backend.items())),
-            "full_ms": {"p50": percentile(full_ms, 50), "p99": percentile(full_ms, 99)},
-            "resumed_ms": {"p50": percentile(res_ms, 50), "p99": percentile(res_ms, 99)},
-            "elapsed_s": round(self.elapsed_s, 2),
-        }
+            t = tallies.get(s.backend or "?", BackendTally())
+            tallies[s.backend or "?"] = BackendTally(
+                t.full + (not s.resumed), t.resumed + s.resumed
+            )
+        return WorkloadSummary(
+            connections=len(self.samples),
+            errors=self.errors,
+            skipped=self.skipped,
+            offered=len(offered),
+            resumed=len(resumed),
+            resumed_elsewhere=sum(1 for s in resumed if s.origin and s.origin != s.backend),
+            rate=len(resumed) / len(offered) if offered else 0.0,
+            per_backend=dict(sorted(tallies.items())),
+            full_ms=Percentiles.of(s.handshake_ms for s in ok if not s.resumed),
+            resumed_ms=Percentiles.of(s.handshake_ms for s in ok if s.resumed),
+            elapsed_s=round(self.elapsed_s, 2),
+        )
 
 
-def client_context(ca: str | None, tls: str) -> ssl.SSLContext:
+def client_context(ca: str | None, tls: TlsVersion) -> ssl.SSLContext:
     """One context for all connections: Python only resumes sessions made by the same context."""
     ctx = ssl.create_default_context(cafile=ca)
     if ca is None:
@@ -95,11 +121,11 @@ def fetch_info(
     session: ssl.SSLSession | None,
     timeout: float = 5.0,
     server_hostname: str = "localhost",
-) -> tuple[dict[str, Any], ssl.SSLSession | None, bool, float]:
+) -> tuple[ConnectionInfo, ssl.SSLSession | None, bool, float]:
     """One connection: handshake (timed), GET /info, read to the server's close_notify.
 
-    Returns the JSON, the session to offer next time, whether this one resumed, and the
-    handshake time in ms.
+    Returns what the server says of the connection, the session to offer next time, whether
+    this one resumed, and the handshake time in ms.
     """
     raw = socket.create_connection((host, port), timeout=timeout)
     try:
@@ -125,8 +151,7 @@ def fetch_info(
         head, _, body = bytes(data).partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise OSError(f"bad response: {head[:40]!r}")
-        info: dict[str, Any] = json.loads(body)
-        return info, tls.session, bool(tls.session_reused), ms
+        return decode(ConnectionInfo, body), tls.session, bool(tls.session_reused), ms
     finally:
         raw.close()
 
@@ -136,32 +161,17 @@ def run_workload(
     port: int,
     *,
     ca: str | None,
-    tls: str,
-    clients: int = 60,
-    reconnects: int = 5,
-    concurrency: int = 8,
-    time_limit: float = 20.0,
-    pause: float = 0.01,
+    tls: TlsVersion,
+    workload: WorkloadConfig = DEFAULT_WORKLOAD,
     progress: Callable[[int, int], None] | None = None,
 ) -> WorkloadResult:
     """Each client: one full handshake, then ``reconnects`` connections offering its latest session.
 
     Bounded in count (clients x (1 + reconnects)) and in time (connections not started before
-    ``time_limit`` are skipped and counted). ``pause`` before each reconnect stands for a real
+    ``time_limit`` are skipped and counted). The pause before each reconnect stands for a real
     client's think time; with none, a TLS 1.2 client can beat the server's store write.
     """
-    (result,) = run_workloads(
-        host,
-        [port],
-        ca=ca,
-        tls=tls,
-        clients=clients,
-        reconnects=reconnects,
-        concurrency=concurrency,
-        time_limit=time_limit,
-        pause=pause,
-        progress=progress,
-    )
+    (result,) = run_workloads(host, [port], ca=ca, tls=tls, workload=workload, progress=progress)
     return result
 
 
@@ -170,12 +180,8 @@ def run_workloads(
     ports: list[int],
     *,
     ca: str | None,
-    tls: str,
-    clients: int = 60,
-    reconnects: int = 5,
-    concurrency: int = 8,
-    time_limit: float = 20.0,
-    pause: float = 0.01,
+    tls: TlsVersion,
+    workload: WorkloadConfig = DEFAULT_WORKLOAD,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[WorkloadResult]:
     """:func:`run_workload` against several farms at once, one result per port.
@@ -186,11 +192,13 @@ def run_workloads(
     machine, which results measured one after the other cannot promise.
     """
     ctx = client_context(ca, tls)
+    clients, reconnects = workload.clients, workload.reconnects
+    pause = workload.pause_ms / 1000.0
     results = [WorkloadResult() for _ in ports]
     lock = threading.Lock()
     total = clients * (1 + reconnects) * len(ports)
     done = 0
-    deadline = time.monotonic() + time_limit
+    deadline = time.monotonic() + workload.time_limit
     start = time.monotonic()
 
     def one_client(n: int) -> None:
@@ -216,7 +224,7 @@ def run_workloads(
                     time.sleep(pause)
                 try:
                     info, new_session, resumed, ms = fetch_info(ctx, host, ports[i], session)
-                    backend = info.get("backend")
+                    backend = info.backend
                     sample = Sample(n, attempt, offered, resumed, backend, origins[i], ms)
                     if not resumed:
                         origins[i] = backend
@@ -230,7 +238,7 @@ def run_workloads(
                 if progress is not None:
                     progress(so_far, total)
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workload.concurrency)) as pool:
         list(pool.map(one_client, range(clients)))
     elapsed = time.monotonic() - start
     for result in results:

@@ -2,9 +2,10 @@
 
 "The five lines" are executed verbatim on two pyOpenSSL Contexts (two servers) behind one
 dc_client; "A complete server" is extracted to a file and started twice, as the doc's shell lines
-do. In both cases Python's ``ssl`` client makes a session on one server and resumes it on the
-other. Only addresses and certificate paths are substituted, so an edit to either example that
-breaks it fails here.
+do, behind a dc_client in front of a dc_server started with the doc's own options. In both cases
+Python's ``ssl`` client makes a session on one server and resumes it on the other. Only
+addresses (free ports, temporary sockets) are substituted, so an edit to either example that
+breaks it fails here; the doc's addresses and sizes must also be the README's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from tests.procs import ROOT, free_port, running, tool, wait_connectable
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 DOC = ROOT / "docs" / "wrap-your-server.md"
-DOC_STORE_ADDRESS = "UNIX:/run/tlscache/dc_client.sock"
+DOC_STORE_ADDRESS = "UNIX:/tmp/scache"
+DOC_SERVER_ADDRESS = "IP:10.0.0.5:9001"
 REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
@@ -54,15 +56,33 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def shell_lines(markdown: str, heading: str) -> list[str]:
+    """The lines of the ```sh blocks of the section that starts with ``heading``."""
+    section = markdown.split(f"\n{heading}\n", 1)[1]
+    section = re.split(r"\n## ", section, maxsplit=1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [line for block in blocks for line in block.splitlines()]
+
+
+def doc_command(lines: list[str], program: str, substitutions: dict[str, str]) -> list[str]:
+    """The doc's command line of ``program`` (without ``&`` or a comment), addresses replaced."""
+    (line,) = [line for line in lines if line.split() and line.split()[0].endswith(program)]
+    words = line.split("#", 1)[0].replace("&", " ").split()
+    return tool(program, *(substitutions.get(w, w) for w in words[1:]))
+
+
 @pytest.fixture
-def dc_client(tmp_path: Path) -> Iterator[str]:
+def dc_client(doc_text: str, tmp_path: Path) -> Iterator[str]:
     """dc_server plus one dc_client in front of it, started with the doc's options."""
+    lines = shell_lines(doc_text, "## The five lines")
     server = f"IP:127.0.0.1:{free_port()}"
     local = f"UNIX:{tmp_path / 'dc_client.sock'}"
-    with running(tool("dc_server", "-listen", server, "-sessions", "50000"), ready=server):
-        argv = tool("dc_client", "-listen", local, "-server", server, "-retry", "1000")
-        with running(argv, ready=local):
-            yield local
+    addresses = {DOC_SERVER_ADDRESS: server, DOC_STORE_ADDRESS: local}
+    with (
+        running(doc_command(lines, "dc_server", addresses), ready=server),
+        running(doc_command(lines, "dc_client", addresses), ready=local),
+    ):
+        yield local
 
 
 def client_context(ca: Path, tls: str) -> ssl.SSLContext:
@@ -150,12 +170,22 @@ def test_five_lines_are_in_the_doc(doc_text: str) -> None:
     assert shutdown.strip().startswith("conn.shutdown()")
 
 
+def test_doc_uses_the_readme_addresses_and_sizes(doc_text: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    readme_sh = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    commands = [line for block in readme_sh for line in block.splitlines() if "dc_" in line]
+    assert commands == shell_lines(doc_text, "## The five lines"), commands
+    assert "-sessions 60000" in commands[0] and f"-listen {DOC_STORE_ADDRESS}" in commands[1]
+    assert f'DistcacheStore("{DOC_STORE_ADDRESS}")' in readme
+
+
 def _resume_a_b_a_b(servers: list[FiveLineServer], ca: Path, tls: str) -> list[bool]:
     """A full handshake on A, then A, B, A, B offering the latest session; which resumed."""
     ctx = client_context(ca, tls)
     body, session, resumed = get(ctx, servers[0].port, None)
     assert body.endswith(b"hello\n") and not resumed
-    # Writes are asynchronous by default: wait for them, do not race them.
+    # Writes are synchronous by default (stored before the answer); flush() waits for any
+    # write still under way all the same, rather than racing it.
     assert servers[0].cache.flush(10.0)
     seen = []
     for i in range(4):
@@ -203,19 +233,26 @@ def test_five_lines_resume_across_two_servers(
 # -- the complete server -------------------------------------------------------------------------
 
 
+def complete_server(doc_text: str, where: Path) -> tuple[Path, list[str]]:
+    """The doc's complete server saved to ``where``, and the doc's shell lines after it."""
+    (code,) = python_blocks(doc_text, "## A complete server")
+    script = where / "hello_server.py"
+    script.write_text(code)
+    return script, shell_lines(doc_text, "## A complete server")
+
+
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
 def test_complete_server_resumes_on_the_other_process(
-    doc_text: str, certs: Path, dc_server_tcp: str, tls: str
+    doc_text: str, certs: Path, dc_client: str, tmp_path: Path, tls: str
 ) -> None:
-    (code,) = python_blocks(doc_text, "## A complete server")
-    script = certs / "hello_server.py"
-    script.write_text(code)
-    commands = doc_text.split("## A complete server", 1)[1]
-    assert "python hello_server.py 18501 IP:127.0.0.1:18600 &" in commands
-    assert "-sess_out s.pem" in commands and "-sess_in s.pem" in commands
+    script, commands = complete_server(doc_text, certs)  # certs/ is next to the script
+    assert f"hello_server.py 18501 {DOC_STORE_ADDRESS} &" in " ".join(commands)
+    assert any("dc_client" in c and f"-listen {DOC_STORE_ADDRESS}" in c for c in commands)
+    assert "-sess_out s.pem" in " ".join(commands) and "-sess_in s.pem" in " ".join(commands)
     ports = [free_port(), free_port()]
-    argvs = [[sys.executable, str(script), str(p), dc_server_tcp] for p in ports]
-    kwargs: dict[str, Any] = {"cwd": certs, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    argvs = [[sys.executable, str(script), str(p), dc_client] for p in ports]
+    # Started from another directory: the script finds certs/ next to itself, not in its cwd.
+    kwargs: dict[str, Any] = {"cwd": tmp_path, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     procs = [subprocess.Popen(argv, **kwargs) for argv in argvs]
     try:
         for port, proc in zip(ports, procs, strict=True):
@@ -223,13 +260,14 @@ def test_complete_server_resumes_on_the_other_process(
         ctx = client_context(certs / "certs" / "ca.pem", tls)
         body, session, resumed = get(ctx, ports[0], None)
         assert body.endswith(b"hello\n") and not resumed and session is not None
-        # The example stores sessions from a writer thread (the library default): wait for the
-        # write instead of racing it, then the second server must resume.
+        # The example stores sessions within the handshake (the library default, synchronous
+        # writes); a write that overran its deadline never arrives. Wait, bounded, rather than
+        # assume: then the second server must resume.
         deadline = time.monotonic() + 10
-        if tls == "1.2":  # the client's session id is the store key: ask dc_server
+        if tls == "1.2":  # the client's session id is the store key: ask the store
             from tlscache.distcache.client import Client
 
-            with Client(dc_server_tcp, deadline_ms=1000) as dc:
+            with Client(dc_client, deadline_ms=1000) as dc:
                 while not dc.have(session.id):
                     assert time.monotonic() < deadline, "the session never reached dc_server"
                     time.sleep(0.02)
@@ -244,13 +282,26 @@ def test_complete_server_resumes_on_the_other_process(
         assert resumed, "the second server did not resume the first server's session"
     finally:
         for proc in procs:
-            proc.terminate()
+            proc.terminate()  # SIGTERM: the example closes its cache and exits 0
+        outcomes = []
         for proc in procs:
             try:
-                proc.communicate(timeout=5)
+                outcomes.append(proc.communicate(timeout=5))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.communicate()
+                outcomes.append(proc.communicate())
+    assert [proc.returncode for proc in procs] == [0, 0], outcomes
+
+
+def test_complete_server_says_where_its_certificate_is_missing(
+    doc_text: str, tmp_path: Path
+) -> None:
+    script, _ = complete_server(doc_text, tmp_path)  # no certs/ next to it
+    argv = [sys.executable, str(script), str(free_port()), DOC_STORE_ADDRESS]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"no {tmp_path / 'certs' / 'server.pem'}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 # -- docs/quickstart.md ----------------------------------------------------------------------------

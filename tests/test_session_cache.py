@@ -13,7 +13,7 @@ import pytest
 from OpenSSL import SSL
 
 from tests.tlsutil import client_context, handshake_over_memory
-from tlscache import BreakerState, MemoryStore, SessionCache, SessionStore, WrappingStore
+from tlscache import BreakerState, Deadline, MemoryStore, SessionCache, SessionStore, WrappingStore
 from tlscache.exceptions import ConfigurationError, SealError, StoreError, StoreTimeout
 from tlscache.session_cache import LATENCY_BUCKETS_MS, CircuitBreaker
 
@@ -29,6 +29,11 @@ class Clock:
         return self.now
 
 
+def soon() -> Deadline:
+    """A deadline no in-process store call comes near."""
+    return Deadline.after(1.0)
+
+
 class FlakyStore(SessionStore):
     """A MemoryStore that can be switched to raise, time out, or block."""
 
@@ -37,11 +42,11 @@ class FlakyStore(SessionStore):
         self.mode = "ok"  # ok | error | timeout | sleep | crash
         self.sleep_s = 0.05
         self.calls = 0
-        self.deadlines: list[float] = []
+        self.deadlines: list[float] = []  # time left when each call arrived
 
-    def _act(self, deadline_s: float) -> None:
+    def _act(self, deadline: Deadline) -> None:
         self.calls += 1
-        self.deadlines.append(deadline_s)
+        self.deadlines.append(deadline.remaining())
         if self.mode == "error":
             raise StoreError("down")
         if self.mode == "timeout":
@@ -51,24 +56,24 @@ class FlakyStore(SessionStore):
         if self.mode == "sleep":
             time.sleep(self.sleep_s)  # ignores its deadline, as a badly written store might
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
-        self._act(deadline_s)
-        self.inner.store(session_id, value, ttl_s, deadline_s)
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
+        self._act(deadline)
+        self.inner.store(session_id, value, ttl_s, deadline)
 
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
-        self._act(deadline_s)
-        return self.inner.fetch(session_id, deadline_s)
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
+        self._act(deadline)
+        return self.inner.fetch(session_id, deadline)
 
-    def delete(self, session_id: bytes, deadline_s: float) -> None:
-        self._act(deadline_s)
-        self.inner.delete(session_id, deadline_s)
+    def delete(self, session_id: bytes, deadline: Deadline) -> None:
+        self._act(deadline)
+        self.inner.delete(session_id, deadline)
 
 
 def test_new_then_get_sync() -> None:
     store = MemoryStore()
     cache = SessionCache(store, timeout=300, async_writes=False)
     cache.on_new(SID, DER, 7200)
-    assert store.fetch(SID, 1) == DER
+    assert store.fetch(SID, soon()) == DER
     assert cache.on_get(SID) == DER
     assert cache.on_get(b"\x08" * 32) is None
     s = cache.stats()
@@ -84,9 +89,9 @@ def test_ttl_is_min_of_session_and_cache_timeout() -> None:
     cache.on_new(b"b", DER, 60)
     cache.on_new(b"c", DER, 0)  # unknown: the cache's timeout
     clock.now += 61
-    assert [store.fetch(k, 1) is not None for k in (b"a", b"b", b"c")] == [True, False, True]
+    assert [store.fetch(k, soon()) is not None for k in (b"a", b"b", b"c")] == [True, False, True]
     clock.now += 240
-    assert store.fetch(b"a", 1) is None and store.fetch(b"c", 1) is None
+    assert store.fetch(b"a", soon()) is None and store.fetch(b"c", soon()) is None
 
 
 def test_async_writes_and_pending_hits() -> None:
@@ -102,7 +107,7 @@ def test_async_writes_and_pending_hits() -> None:
     assert cache.stats().pending_hits == 1
     assert cache.flush(2.0)
     store.mode = "ok"
-    assert store.inner.fetch(SID, 1) == DER
+    assert store.inner.fetch(SID, soon()) == DER
     assert cache.stats().pending_writes == 0
     cache.close()
     cache.on_new(b"late", DER, 300)
@@ -121,14 +126,14 @@ def test_writer_restarts_in_a_forked_child() -> None:
         ok = False
         try:
             cache.on_new(b"child", DER, 300)
-            ok = cache.flush(2.0) and store.fetch(b"child", 1) == DER
+            ok = cache.flush(2.0) and store.fetch(b"child", soon()) == DER
         finally:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert store.fetch(b"child", 1) is None  # the child's store is its own copy
+    assert store.fetch(b"child", soon()) is None  # the child's store is its own copy
     cache.on_new(b"parent2", DER, 300)
-    assert cache.flush(2.0) and store.fetch(b"parent2", 1) == DER
+    assert cache.flush(2.0) and store.fetch(b"parent2", soon()) == DER
     cache.close()
 
 
@@ -149,8 +154,8 @@ def test_writer_queue_is_bounded() -> None:
 def test_implausible_values_are_misses() -> None:
     store = MemoryStore()
     cache = SessionCache(store, async_writes=False)
-    store.store(b"junk", b"not der at all", 60, 1)
-    store.store(b"empty", b"", 60, 1)
+    store.store(b"junk", b"not der at all", 60, soon())
+    store.store(b"empty", b"", 60, soon())
     assert cache.on_get(b"junk") is None
     assert cache.on_get(b"empty") is None
     s = cache.stats()
@@ -159,12 +164,12 @@ def test_implausible_values_are_misses() -> None:
 
 def test_bytes_like_values_are_accepted() -> None:
     class ArrayStore(MemoryStore):
-        def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
-            value = super().fetch(session_id, deadline_s)
+        def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
+            value = super().fetch(session_id, deadline)
             return bytearray(value) if value is not None else None  # type: ignore[return-value]
 
     store = ArrayStore()
-    store.store(SID, DER, 60, 1)
+    store.store(SID, DER, 60, soon())
     got = SessionCache(store).on_get(SID)
     assert got == DER and type(got) is bytes
 
@@ -183,10 +188,10 @@ def test_oversized_inputs_are_dropped() -> None:
 def test_remove_policy(async_writes: bool) -> None:
     store = MemoryStore()
     ignoring = SessionCache(store, async_writes=async_writes)
-    store.store(SID, DER, 60, 1)
+    store.store(SID, DER, 60, soon())
     ignoring.on_remove(SID)
     assert ignoring.flush(1.0)
-    assert store.fetch(SID, 1) == DER
+    assert store.fetch(SID, soon()) == DER
     assert ignoring.stats().removes_ignored == 1
 
     deleting = SessionCache(store, remove_policy="delete", async_writes=async_writes)
@@ -194,7 +199,7 @@ def test_remove_policy(async_writes: bool) -> None:
     deleting.on_remove(SID)
     assert SID not in deleting._pending  # a queued delete also cancels the pending write
     assert deleting.flush(1.0)
-    assert store.fetch(SID, 1) is None
+    assert store.fetch(SID, soon()) is None
     assert deleting.on_get(SID) is None
     assert deleting.stats().removes == 1
     ignoring.close()
@@ -221,7 +226,9 @@ def test_store_failures_are_misses_and_open_the_breaker(mode: str) -> None:
 
 def test_deadline_reaches_the_store() -> None:
     store = FlakyStore()
-    cache = SessionCache(store, deadline_ms=15, write_deadline_ms=250, async_writes=False)
+    cache = SessionCache(
+        store, deadline_ms=15, write_deadline_ms=250, async_writes=False, clock=Clock()
+    )
     cache.on_get(SID)
     cache.on_new(SID, DER, 300)
     assert store.deadlines == [pytest.approx(0.015), pytest.approx(0.25)]
@@ -267,7 +274,7 @@ def test_half_open_probe_and_recovery() -> None:
     cache.on_get(SID)
     assert store.calls == 3
     clock.now += 5.1
-    store.inner.store(SID, DER, 60, 1)
+    store.inner.store(SID, DER, 60, soon())
     assert cache.on_get(SID) == DER  # probe succeeds, breaker closes
     assert cache.stats().breaker_state == "closed"
     assert cache.on_get(SID) == DER
@@ -407,12 +414,12 @@ def test_bad_store_values_mean_full_handshakes() -> None:
     cctx = client("1.2")
     _, sess = handshake_over_memory(ctx, cctx)
     (sid,) = list(store._data)
-    good = store.fetch(sid, 1)
+    good = store.fetch(sid, soon())
     assert good is not None
     for bad in (b"\x30\x03abc", good[:-7], b"\x30" + bytes(100)):
-        store.store(sid, bad, 60, 1)  # the cache is untrusted storage
+        store.store(sid, bad, 60, soon())  # the cache is untrusted storage
         assert not handshake_over_memory(ctx, cctx, sess)[0]
-    store.store(sid, good, 60, 1)
+    store.store(sid, good, 60, soon())
     assert handshake_over_memory(ctx, cctx, sess)[0]
 
 
@@ -466,7 +473,7 @@ class CountingLock:
 def test_a_lookup_takes_the_lock_once(present: bool) -> None:
     store = MemoryStore()
     if present:
-        store.store(SID, DER, 300, 1)
+        store.store(SID, DER, 300, soon())
     cache = SessionCache(store, async_writes=False)
     lock = CountingLock()
     cache._lock = lock  # type: ignore[assignment]
@@ -499,8 +506,8 @@ def test_writer_drains_a_batch_per_wake_up_and_keeps_order() -> None:
     assert sets == 0  # the busy writer will find them: no wake-up needed
     assert cache.flush(3.0)
     store.mode = "ok"
-    assert store.inner.fetch(b"\x01" * 8, 1) == DER
-    assert store.inner.fetch(b"\x02" * 8, 1) is None
+    assert store.inner.fetch(b"\x01" * 8, soon()) == DER
+    assert store.inner.fetch(b"\x02" * 8, soon()) is None
     s = cache.stats()
     assert (s.stores, s.removes, s.pending_writes) == (6, 1, 0)
     cache.close()
@@ -521,7 +528,7 @@ def test_default_is_synchronous_writes() -> None:
     cache = SessionCache(store)
     assert cache.async_writes is False
     cache.on_new(SID, DER, 300)
-    assert store.fetch(SID, 1) == DER  # in the store when the callback returns
+    assert store.fetch(SID, soon()) == DER  # in the store when the callback returns
     assert cache._writer is None
 
 
@@ -529,7 +536,7 @@ def test_default_is_synchronous_writes() -> None:
 def test_locks_held_at_fork_do_not_deadlock_the_child() -> None:
     """A lock held by another thread when the process forks is replaced in the child."""
     store = MemoryStore()
-    store.store(SID, DER, 300, 1)
+    store.store(SID, DER, 300, soon())
     cache = SessionCache(store, async_writes=True)
     cache.on_new(b"queued", DER, 300)
     # As if the writer thread held them at fork time:
@@ -540,7 +547,7 @@ def test_locks_held_at_fork_do_not_deadlock_the_child() -> None:
             try:
                 ok = cache.on_get(SID) == DER and cache.stats().pending_writes == 0
                 cache.on_new(b"child", DER, 300)
-                ok = ok and cache.flush(2.0) and store.fetch(b"child", 1) == DER
+                ok = ok and cache.flush(2.0) and store.fetch(b"child", soon()) == DER
             finally:
                 os._exit(0 if ok else 1)
     deadline = time.monotonic() + 10
@@ -570,7 +577,7 @@ def test_locks_held_at_fork_do_not_deadlock_the_child() -> None:
 )
 def test_values_whose_der_length_does_not_fit_are_rejected(value: bytes) -> None:
     store = MemoryStore()
-    store.store(SID, value, 300, 1)
+    store.store(SID, value, 300, soon())
     cache = SessionCache(store)
     assert cache.on_get(SID) is None
     assert cache.stats().bad_values == 1
@@ -579,7 +586,7 @@ def test_values_whose_der_length_does_not_fit_are_rejected(value: bytes) -> None
 def test_long_form_der_length_is_accepted() -> None:
     big = b"\x30\x82\x04\x00" + bytes(1024)
     store = MemoryStore()
-    store.store(SID, big, 300, 1)
+    store.store(SID, big, 300, soon())
     assert SessionCache(store).on_get(SID) == big
 
 
@@ -596,9 +603,9 @@ def test_stored_value_with_trailing_bytes_does_not_resume() -> None:
     cctx = client("1.2")
     _, sess = handshake_over_memory(ctx, cctx)
     (sid,) = list(store._data)
-    good = store.fetch(sid, 1)
+    good = store.fetch(sid, soon())
     assert good is not None
-    store.store(sid, good + b"\x00" * 16, 60, 1)
+    store.store(sid, good + b"\x00" * 16, 60, soon())
     assert not handshake_over_memory(ctx, cctx, sess)[0]
     assert cache.stats().bad_values == 1
 
@@ -647,10 +654,10 @@ def test_session_past_its_own_timeout_does_not_resume() -> None:
     cctx = client("1.2")
     _, sess = handshake_over_memory(ctx, cctx)
     (sid,) = list(store._data)
-    value = store.fetch(sid, 1)
+    value = store.fetch(sid, soon())
     assert value is not None
     time.sleep(2.2)  # OpenSSL's session clock has a resolution of one second
-    store.store(sid, value, 300, 1)  # a misbehaving store: still there
+    store.store(sid, value, 300, soon())  # a misbehaving store: still there
     assert not handshake_over_memory(ctx, cctx, sess)[0]
     assert cache.stats().hits == 1
 
@@ -675,10 +682,10 @@ def test_a_late_success_does_not_close_an_open_breaker() -> None:
 class LeakyStore(MemoryStore):
     """A store whose errors quote the value (as a careless store might)."""
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
         raise ValueError(f"cannot store {value!r} ({value.hex()})")
 
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         raise ValueError(f"bad entry {DER!r} ({DER.hex()})")
 
 
@@ -704,15 +711,15 @@ class SealingStore(WrappingStore):
 
     TAG = b"sealed:"
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
-        self.inner.store(session_id, self.TAG + value, ttl_s, deadline_s)
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
+        self.inner.store(session_id, self.TAG + value, ttl_s, deadline)
 
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
-        value = self.inner.fetch(session_id, deadline_s)
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
+        value = self.inner.fetch(session_id, deadline)
         if value is None:
             return None
         if not value.startswith(self.TAG):
-            raise SealError("value does not authenticate")
+            raise SealError("tampered", "value does not authenticate")
         return value[len(self.TAG) :]
 
 
@@ -720,10 +727,10 @@ def test_a_sealing_wrapper_slots_in_and_its_rejections_are_bad_values() -> None:
     inner = MemoryStore()
     cache = SessionCache(SealingStore(inner), breaker_threshold=1)
     cache.on_new(SID, DER, 300)
-    assert inner.fetch(SID, 1) == SealingStore.TAG + DER  # the store only sees sealed values
+    assert inner.fetch(SID, soon()) == SealingStore.TAG + DER  # the store only sees sealed values
     assert cache.on_get(SID) == DER
     for _ in range(3):
-        inner.store(SID, DER, 300, 1)  # planted without the seal
+        inner.store(SID, DER, 300, soon())  # planted without the seal
         assert cache.on_get(SID) is None
     s = cache.stats()
     assert (s.hits, s.misses, s.bad_values, s.errors) == (1, 3, 3, 0)
@@ -738,7 +745,7 @@ def test_writes_after_close_are_dropped_lookups_still_work(async_writes: bool) -
     cache.close()
     cache.on_new(b"late", DER, 300)
     cache.on_remove(SID)
-    assert store.fetch(b"late", 1) is None and store.fetch(SID, 1) == DER
+    assert store.fetch(b"late", soon()) is None and store.fetch(SID, soon()) == DER
     assert cache.on_get(SID) == DER
     s = cache.stats()
     assert (s.stores, s.writes_dropped, s.remove_errors, s.hits) == (1, 1, 1, 1)

@@ -7,6 +7,7 @@ Typical use::
     cache.install(ctx)  # an OpenSSL.SSL.Context
 """
 
+from tlscache.deadline import Deadline
 from tlscache.exceptions import (
     AddressError,
     ClientError,
@@ -32,6 +33,7 @@ __all__ = [
     "ClientError",
     "ClientTimeout",
     "ConfigurationError",
+    "Deadline",
     "DistcacheStore",
     "MemoryStore",
     "ProtocolError",

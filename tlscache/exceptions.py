@@ -2,9 +2,13 @@
 
 Callers catch ``TlsCacheError`` to handle anything of ours; the subclasses say
 which layer failed so that operators can tell a bad peer from a dead cache.
+:func:`describe_error` is how every layer logs an exception it swallows.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Literal
 
 
 class TlsCacheError(Exception):
@@ -48,8 +52,25 @@ class StoreTimeout(StoreError, TimeoutError):
     """A session store did not answer before its deadline."""
 
 
+#: Why a sealed value did not open; each reason has its own counter.
+SealFailure = Literal["malformed", "unknown_key", "retired_key", "tampered", "expired"]
+
+
 class SealError(StoreError):
-    """A value from the store failed authentication or could not be decoded."""
+    """A value from the store failed authentication or could not be decoded.
+
+    ``failure`` says which check refused it. A sealed value that fails to open
+    is a miss: it never crashes anything and never reaches OpenSSL.
+    """
+
+    def __init__(self, failure: SealFailure, reason: str) -> None:
+        super().__init__(reason)
+        self.failure: SealFailure = failure
+        self.reason = reason
+
+
+class KeyRingError(TlsCacheError):
+    """A key ring file is missing, unsafe (readable by others) or malformed."""
 
 
 class ResolverError(TlsCacheError):
@@ -63,3 +84,15 @@ class ResolverError(TlsCacheError):
 
 class ConfigurationError(TlsCacheError, ValueError):
     """An option or argument is out of range or inconsistent."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc``'s type and innermost source location, for logs: never its message or
+    traceback text, which a store (or a wrapper) may have built from a session value."""
+    tb = exc.__traceback__
+    if tb is None:
+        return type(exc).__name__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    name = os.path.basename(tb.tb_frame.f_code.co_filename)
+    return f"{type(exc).__name__} at {name}:{tb.tb_lineno}"

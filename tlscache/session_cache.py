@@ -8,7 +8,8 @@ resume a session that another one negotiated.
 The cache sits on the handshake path, so it is built to never make a handshake
 fail and to cost little when the store misbehaves:
 
-* every store call has a deadline, and a store error or timeout is a miss;
+* every store call carries one :class:`~tlscache.deadline.Deadline`, and a store
+  error or timeout is a miss;
 * a circuit breaker stops calling a store that keeps failing, so a dead cache
   costs one timeout per cool-down period rather than one per handshake;
 * new sessions are written inside the callback with a short deadline (the
@@ -28,11 +29,19 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from tlscache.exceptions import ConfigurationError, SealError, StoreError, StoreTimeout
-from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore, describe_error
+from tlscache.deadline import Clock, Deadline
+from tlscache.exceptions import (
+    ConfigurationError,
+    SealError,
+    StoreError,
+    StoreTimeout,
+    describe_error,
+)
+from tlscache.latency import histogram_quantile
+from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -61,26 +70,9 @@ RemovePolicy = Literal["ignore", "delete"]
 LATENCY_BUCKETS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
 _DER_SEQUENCE = 0x30
-#: A call that returns this many times its deadline late counts as a timeout (scheduling
+#: A call that takes this many times its time budget counts as a timeout (scheduling
 #: jitter past the deadline does not; a store that ignores deadlines does).
 _LATE_FACTOR = 2.0
-_COUNTERS = (
-    "stores",
-    "store_errors",
-    "store_timeouts",
-    "writes_skipped",
-    "writes_dropped",
-    "hits",
-    "pending_hits",
-    "misses",
-    "bad_values",
-    "errors",
-    "timeouts",
-    "skipped",
-    "removes",
-    "removes_ignored",
-    "remove_errors",
-)
 
 
 class BreakerState(enum.Enum):
@@ -100,9 +92,7 @@ class CircuitBreaker:
     read, so skipping costs microseconds.
     """
 
-    def __init__(
-        self, threshold: int, reset_s: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, threshold: int, reset_s: float, *, clock: Clock = time.monotonic) -> None:
         if threshold < 1:
             raise ConfigurationError("breaker_threshold must be at least 1")
         if reset_s <= 0:
@@ -113,8 +103,8 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self._failures = 0
-        self._opened_at = 0.0
-        self._probe_at = 0.0
+        # Open: when the cool-down ends. Half-open: when the probe in flight is given up.
+        self._next_probe = Deadline(0.0, clock)
         self.opens = 0
 
     @property
@@ -132,16 +122,14 @@ class CircuitBreaker:
             return self._allow_locked()
 
     def _allow_locked(self) -> bool:
-        now = self._clock()
         if self._state is BreakerState.CLOSED:
             return True
-        if self._state is BreakerState.OPEN:
-            if now - self._opened_at < self.reset_s:
-                return False
-        elif now - self._probe_at < self.reset_s:
-            return False  # a probe is in flight (one that never reported is replaced)
+        if not self._next_probe.expired:
+            # Cooling down, or a probe is in flight (one that never reports is replaced
+            # once its own period is over).
+            return False
         self._state = BreakerState.HALF_OPEN
-        self._probe_at = now
+        self._next_probe = Deadline.after(self.reset_s, self._clock)
         return True
 
     def success(self) -> None:
@@ -169,7 +157,7 @@ class CircuitBreaker:
                         "session store failing; circuit breaker open for %.1f s", self.reset_s
                     )
                 self._state = BreakerState.OPEN
-                self._opened_at = self._clock()
+                self._next_probe = Deadline.after(self.reset_s, self._clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,20 +197,50 @@ class CacheStats:
         return asdict(self)
 
 
-def _quantile(counts: list[int], q: float, max_ms: float) -> float:
-    total = sum(counts)
-    if total == 0:
-        return 0.0
-    target = q * total
-    seen = 0
-    lower = 0.0
-    for i, count in enumerate(counts):
-        upper = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else max(max_ms, lower)
-        if count and seen + count >= target:
-            return min(lower + (upper - lower) * (target - seen) / count, max(max_ms, 0.0))
-        seen += count
-        lower = upper
-    return max_ms
+@dataclass(slots=True)
+class _Counters:
+    """The cache's running counts (see :class:`CacheStats`), changed only under the cache's lock.
+
+    Named slots rather than a dict keyed by strings: a misspelt counter is a type
+    error, and an increment is a slot store. The lookup outcomes are methods so that
+    one callable, chosen outside the lock, says what a finished lookup counts.
+    """
+
+    stores: int = 0
+    store_errors: int = 0
+    store_timeouts: int = 0
+    writes_skipped: int = 0
+    writes_dropped: int = 0
+    hits: int = 0
+    pending_hits: int = 0
+    misses: int = 0
+    bad_values: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    skipped: int = 0
+    removes: int = 0
+    removes_ignored: int = 0
+    remove_errors: int = 0
+
+    def hit(self) -> None:
+        self.hits += 1
+
+    def miss(self) -> None:
+        self.misses += 1
+
+    def bad_value(self) -> None:
+        self.misses += 1
+        self.bad_values += 1
+
+    def error(self) -> None:
+        self.errors += 1
+
+    def timeout(self) -> None:
+        self.timeouts += 1
+
+
+#: What a finished lookup counts: one of the outcome methods of :class:`_Counters`.
+_Outcome = Callable[[_Counters], None]
 
 
 def _der_sequence_fits(value: bytes) -> bool:
@@ -250,7 +268,7 @@ def _as_bytes(value: object) -> bytes | None:
 
 _Write = tuple[bytes, bytes, float] | tuple[bytes, None, float]  # (id, value or None=delete, ttl)
 
-#: Every SessionCache and CircuitBreaker of this process, for the fork handler.
+#: Every SessionCache of this process (each with its breaker), for the fork handler.
 _live_caches: weakref.WeakSet[SessionCache] = weakref.WeakSet()
 
 
@@ -274,8 +292,10 @@ class SessionCache:
     ``async_writes=True`` they go to one writer thread instead, through a queue of at
     most ``write_queue_size`` writes not yet done.
 
-    A store must honour the deadline it is given: a call that blocks stalls the
-    handshake that made it (see ``docs/session-cache.md``).
+    Each lookup and each write gets one :class:`~tlscache.deadline.Deadline` on
+    ``clock`` (monotonic, seconds; injectable for tests), which also times lookups
+    and drives the breaker. A store must honour the deadline it is given: a call
+    that blocks stalls the handshake that made it (see ``docs/session-cache.md``).
 
     One SessionCache may serve several Contexts. It never raises into OpenSSL:
     every failure becomes a miss (lookup) or a dropped write, and is counted.
@@ -296,7 +316,7 @@ class SessionCache:
         write_queue_size: int = 1024,
         stateful_tls13_tickets: bool = True,
         num_tickets: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         if timeout < 1:
             raise ConfigurationError("timeout must be at least 1 second")
@@ -308,10 +328,12 @@ class SessionCache:
             raise ConfigurationError("write_queue_size must be at least 1")
         self.store = store
         self.timeout = int(timeout)
-        self.deadline_s = deadline_ms / 1000.0
-        self.write_deadline_s = (
-            self.deadline_s if write_deadline_ms is None else write_deadline_ms / 1000.0
+        # Time budgets (s); every call gets a Deadline this far from its start.
+        self._lookup_budget_s = deadline_ms / 1000.0
+        self._write_budget_s = (
+            self._lookup_budget_s if write_deadline_ms is None else write_deadline_ms / 1000.0
         )
+        self._clock = clock
         self.remove_policy: RemovePolicy = remove_policy
         self.session_id_context = session_id_context
         self.async_writes = async_writes
@@ -321,7 +343,7 @@ class SessionCache:
         self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock=clock)
 
         self._lock = threading.Lock()
-        self._c: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._counts = _Counters()
         self._hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._max_ms = 0.0
         self._closed = False
@@ -363,11 +385,11 @@ class SessionCache:
         """OpenSSL negotiated a session: store it (now, or via the writer thread)."""
         try:
             if not 0 < len(session_id) <= MAX_ID_LEN or not 0 < len(der) <= MAX_VALUE_LEN:
-                self._count("writes_dropped")
+                self._count_dropped_write()
                 return
             ttl = float(min(timeout_s, self.timeout) if timeout_s > 0 else self.timeout)
             if self._closed:
-                self._count("writes_dropped")
+                self._count_dropped_write()
             elif self.async_writes:
                 self._enqueue((bytes(session_id), bytes(der), ttl))
             else:
@@ -387,11 +409,13 @@ class SessionCache:
         """OpenSSL drops a session: apply :data:`RemovePolicy`."""
         try:
             if self.remove_policy == "ignore":
-                self._count("removes_ignored")
+                with self._lock:
+                    self._counts.removes_ignored += 1
                 return
             key = bytes(session_id)
             if self._closed:
-                self._count("remove_errors")
+                with self._lock:
+                    self._counts.remove_errors += 1
             elif self.async_writes:
                 self._enqueue((key, None, 0.0))
             else:
@@ -404,50 +428,59 @@ class SessionCache:
     def _lookup(self, session_id: bytes) -> bytes | None:
         pending = self._pending.get(session_id)
         if pending is not None:
-            self._count("hits", "pending_hits")
+            with self._lock:
+                counts = self._counts
+                counts.hits += 1
+                counts.pending_hits += 1
             return pending
         if not self.breaker.allow():
-            self._count("skipped")
+            with self._lock:
+                self._counts.skipped += 1
             return None
-        start = time.perf_counter()
+        clock = self._clock
+        budget = self._lookup_budget_s
+        start = clock()  # one read starts both the deadline and the latency measurement
         try:
-            value = _as_bytes(self.store.fetch(session_id, self.deadline_s))
+            value = _as_bytes(self.store.fetch(session_id, Deadline(start + budget, clock)))
         except StoreTimeout:
             self.breaker.failure()
-            self._record(start, "timeouts")
+            self._record_lookup(clock() - start, _Counters.timeout)
             return None
         except SealError:
             # The store answered, with a value that does not authenticate (a sealing
             # wrapper's verdict): a rejected value, not a failing store.
             self.breaker.success()
-            self._record(start, "misses", "bad_values")
+            self._record_lookup(clock() - start, _Counters.bad_value)
             return None
         except StoreError as exc:
             self.breaker.failure()
-            self._record(start, "errors")
+            self._record_lookup(clock() - start, _Counters.error)
             log.debug("session lookup failed: %s", type(exc).__name__)
             return None
         except Exception as exc:
             self.breaker.failure()
-            self._record(start, "errors")
+            self._record_lookup(clock() - start, _Counters.error)
             log.warning(
                 "session store raised an unexpected error on fetch: %s", describe_error(exc)
             )
             return None
-        elapsed = time.perf_counter() - start
-        if value is not None and not self._plausible(value):
-            value = None
-            outcome: tuple[str, ...] = ("misses", "bad_values")
+        elapsed = clock() - start
+        outcome: _Outcome
+        if value is None:
+            outcome = _Counters.miss
+        elif self._plausible(value):
+            outcome = _Counters.hit
         else:
-            outcome = ("misses",) if value is None else ("hits",)
-        if elapsed > self.deadline_s * _LATE_FACTOR:
+            value = None
+            outcome = _Counters.bad_value
+        if elapsed > budget * _LATE_FACTOR:
             # The store ignored its deadline: use the answer, but treat it as a timeout
             # so that a store that blocks keeps the breaker informed.
             self.breaker.failure()
-            self._record(start, "timeouts", elapsed=elapsed)
+            self._record_lookup(elapsed, _Counters.timeout)
             return value
         self.breaker.success()
-        self._record(start, *outcome, elapsed=elapsed)
+        self._record_lookup(elapsed, outcome)
         return value
 
     @staticmethod
@@ -455,20 +488,15 @@ class SessionCache:
         """Cheap check before OpenSSL parses it: one DER SEQUENCE of sane size. d2i decides."""
         return len(value) <= MAX_VALUE_LEN and _der_sequence_fits(value)
 
-    def _record(self, start: float, *names: str, elapsed: float | None = None) -> float:
-        """Count a finished lookup: latency histogram and counters under one lock."""
-        if elapsed is None:
-            elapsed = time.perf_counter() - start
+    def _record_lookup(self, elapsed: float, outcome: _Outcome) -> None:
+        """Count a finished lookup: latency histogram and ``outcome`` under one lock."""
         ms = elapsed * 1000.0
         index = bisect.bisect_left(LATENCY_BUCKETS_MS, ms)
-        c = self._c
         with self._lock:
             self._hist[index] += 1
             if ms > self._max_ms:
                 self._max_ms = ms
-            for name in names:
-                c[name] += 1
-        return elapsed
+            outcome(self._counts)
 
     # ------------------------------------------------------------ writes
 
@@ -476,45 +504,72 @@ class SessionCache:
         """One store/delete call with the breaker and the deadline. Never raises."""
         deleting = value is None
         if not self.breaker.allow():
-            self._count("remove_errors" if deleting else "writes_skipped")
+            with self._lock:
+                if deleting:
+                    self._counts.remove_errors += 1
+                else:
+                    self._counts.writes_skipped += 1
             return
-        start = time.perf_counter()
+        clock = self._clock
+        budget = self._write_budget_s
+        start = clock()
+        deadline = Deadline(start + budget, clock)
         try:
             if value is None:
-                self.store.delete(session_id, self.write_deadline_s)
+                self.store.delete(session_id, deadline)
             else:
-                self.store.store(session_id, value, ttl, self.write_deadline_s)
+                self.store.store(session_id, value, ttl, deadline)
         except StoreTimeout:
             self.breaker.failure()
-            self._count("remove_errors" if deleting else "store_errors", "store_timeouts")
+            self._count_write(deleting, done=False, timed_out=True)
             return
         except Exception as exc:
             self.breaker.failure()
-            self._count("remove_errors" if deleting else "store_errors")
+            self._count_write(deleting, done=False)
             if isinstance(exc, StoreError):
                 log.debug("session store write failed: %s", type(exc).__name__)
             else:
                 log.warning("session store raised an unexpected error: %s", describe_error(exc))
             return
-        if time.perf_counter() - start > self.write_deadline_s * _LATE_FACTOR:
+        if clock() - start > budget * _LATE_FACTOR:
             self.breaker.failure()
-            self._count("removes" if deleting else "stores", "store_timeouts")
+            self._count_write(deleting, done=True, timed_out=True)
             return
         self.breaker.success()
-        self._count("removes" if deleting else "stores")
+        self._count_write(deleting, done=True)
+
+    def _count_write(self, deleting: bool, *, done: bool, timed_out: bool = False) -> None:
+        """Count a store or delete call that ran: ``done`` if the store took it."""
+        with self._lock:
+            counts = self._counts
+            if deleting:
+                if done:
+                    counts.removes += 1
+                else:
+                    counts.remove_errors += 1
+            elif done:
+                counts.stores += 1
+            else:
+                counts.store_errors += 1
+            if timed_out:
+                counts.store_timeouts += 1
+
+    def _count_dropped_write(self) -> None:
+        with self._lock:
+            self._counts.writes_dropped += 1
 
     def _enqueue(self, item: _Write) -> None:
         """Hand a write to the writer thread: an append under the lock, and a wake-up only
         when the writer sleeps (a busy writer drains everything queued before it sleeps)."""
         if self._closed:
-            self._count("writes_dropped")
+            self._count_dropped_write()
             return
         if self._pid != os.getpid():
             self._start_writer()
         session_id, value, _ = item
         with self._lock:
             if self._inflight >= self.write_queue_size:
-                self._c["writes_dropped"] += 1
+                self._counts.writes_dropped += 1
                 return
             self._items.append(item)
             self._inflight += 1
@@ -606,27 +661,36 @@ class SessionCache:
 
     # ------------------------------------------------------------ counters
 
-    def _count(self, *names: str) -> None:
-        with self._lock:
-            for name in names:
-                self._c[name] += 1
-
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters; cheap enough to poll every second."""
         with self._lock:
-            c = dict(self._c)
-            hist = list(self._hist)
+            c = replace(self._counts)
+            hist = tuple(self._hist)
             max_ms = self._max_ms
             pending = self._inflight
         return CacheStats(
-            **c,
+            stores=c.stores,
+            store_errors=c.store_errors,
+            store_timeouts=c.store_timeouts,
+            writes_skipped=c.writes_skipped,
+            writes_dropped=c.writes_dropped,
             pending_writes=pending,
+            hits=c.hits,
+            pending_hits=c.pending_hits,
+            misses=c.misses,
+            bad_values=c.bad_values,
+            errors=c.errors,
+            timeouts=c.timeouts,
+            skipped=c.skipped,
+            removes=c.removes,
+            removes_ignored=c.removes_ignored,
+            remove_errors=c.remove_errors,
             breaker_state=self.breaker.state.value,
             breaker_opens=self.breaker.opens,
             latency_buckets_ms=LATENCY_BUCKETS_MS,
-            latency_counts=tuple(hist),
-            latency_p50_ms=_quantile(hist, 0.50, max_ms),
-            latency_p99_ms=_quantile(hist, 0.99, max_ms),
+            latency_counts=hist,
+            latency_p50_ms=histogram_quantile(LATENCY_BUCKETS_MS, hist, 0.50, max_ms),
+            latency_p99_ms=histogram_quantile(LATENCY_BUCKETS_MS, hist, 0.99, max_ms),
             latency_max_ms=max_ms,
         )
 

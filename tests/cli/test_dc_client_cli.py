@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def test_unbindable_listen_address(capsys: pytest.CaptureFixture[str], tmp_path:
     )
     assert code == 1
     assert "Error, bad listen address" in err
+
+
+def test_address_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, err = run_main(capsys, "-server", "IP:127.0.0.1:1", "-listen", f"IP:127.0.0.1:{port}")
+    assert code == 1
+    assert f"Error, address already in use: IP:127.0.0.1:{port}" in err
+
+
+def test_usage_shows_the_required_server_without_brackets() -> None:
+    usage = build_parser().format_usage()
+    assert " -server ADDR " in usage and "[-server" not in usage
+    assert "[-listen ADDR]" in usage
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,8 +14,9 @@ import pytest
 
 from tests.procs import free_port, running, tool, wait_connectable
 from tlscache.cli.dc_server import main
-from tlscache.distcache.address import connect, parse_address
+from tlscache.distcache.address import parse_address
 from tlscache.distcache.protocol import Decoder, encode_have
+from tlscache.distcache.sockets import connect
 
 
 def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.procs import free_port, tool, wait_connectable
-from tlscache.cli.dc_snoop import main
+from tlscache.cli.dc_snoop import build_parser, main
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -38,6 +39,26 @@ def test_bad_arguments_exit_1(
     code, err = run_main(capsys, *argv)
     assert code == 1
     assert message in err
+
+
+def test_address_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, err = run_main(capsys, "-listen", f"IP:127.0.0.1:{port}", "-server", "IP:127.0.0.1:1")
+    assert code == 1
+    assert f"Error, address already in use: IP:127.0.0.1:{port}" in err
+
+
+def test_usage_shows_required_switches_without_brackets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    usage = build_parser().format_usage()
+    assert " -listen ADDR -server ADDR " in usage
+    assert "[-listen" not in usage and "[-server" not in usage
+    code, err = run_main(capsys, "-bogus")  # the usage printed with an error is the same
+    assert code == 1 and " -listen ADDR -server ADDR " in err
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from tlscache.cli import dc_server, runtime
 from tlscache.cli.options import Parser
-from tlscache.distcache.address import listen, parse_address
+from tlscache.distcache.address import UnixAddress, parse_address
+from tlscache.distcache.sockets import listen
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -94,6 +95,7 @@ def test_loop_option_and_factory() -> None:
 
 def test_socket_file_removed_only_if_still_ours(tmp_path: Path) -> None:
     addr = parse_address(f"UNIX:{tmp_path / 's'}")
+    assert isinstance(addr, UnixAddress)
     listen(addr).close()
     inode = runtime.socket_file_inode(addr)
     runtime.remove_socket_file(addr, inode)

@@ -13,6 +13,7 @@ import pytest
 
 from tests.distcache.fakepeer import fake_peer, reply, silent_peer
 from tests.procs import free_port, running, tool
+from tlscache.deadline import Deadline
 from tlscache.distcache.aioclient import AsyncClient
 from tlscache.distcache.protocol import MAX_PAYLOAD, Message, Result
 from tlscache.exceptions import ClientError, ClientTimeout, ServerUnavailable
@@ -73,7 +74,9 @@ def test_deadline_against_a_server_that_never_answers() -> None:
             loop = asyncio.get_running_loop()
             started = loop.time()
             results = await asyncio.gather(
-                client.get(SID), client.have(SID, deadline_ms=50), return_exceptions=True
+                client.get(SID),
+                client.have(SID, deadline=Deadline.after_ms(50)),
+                return_exceptions=True,
             )
             assert all(isinstance(r, ClientTimeout) for r in results)
             assert 0.1 < loop.time() - started < 1.5
@@ -175,9 +178,9 @@ def test_late_reply_after_a_timeout_is_discarded() -> None:
     async def scenario(address: str) -> None:
         async with AsyncClient(address) as client:
             with pytest.raises(ClientTimeout):
-                await client.have(SID, deadline_ms=100)
+                await client.have(SID, deadline=Deadline.after_ms(100))
             assert client.in_flight == 1  # still expected on the wire
-            assert await client.have(SID, deadline_ms=2000) is True
+            assert await client.have(SID, deadline=Deadline.after_ms(2000)) is True
             assert client.in_flight == 0
 
     with fake_peer(handler) as address:
@@ -232,7 +235,7 @@ def test_slow_connect_is_reused_not_leaked(monkeypatch: pytest.MonkeyPatch) -> N
     async def scenario(address: str) -> None:
         client = AsyncClient(address)
         with pytest.raises(ClientTimeout):
-            await client.have(SID, deadline_ms=50)
+            await client.have(SID, deadline=Deadline.after_ms(50))
         await asyncio.sleep(0.4)  # the first connect completes meanwhile
         assert await client.have(SID) is False
         assert len(opened) == 1

@@ -12,6 +12,7 @@ import pytest
 
 from tests.distcache.fakepeer import fake_peer, reply, silent_peer
 from tests.procs import free_port, running, tool
+from tlscache.deadline import Deadline
 from tlscache.distcache.client import Client
 from tlscache.distcache.protocol import MAX_PAYLOAD, Message, Operation, Result
 from tlscache.exceptions import AddressError, ClientError, ClientTimeout, ServerUnavailable
@@ -72,8 +73,22 @@ def test_deadline_against_a_server_that_never_answers() -> None:
         assert 0.15 < time.monotonic() - started < 1.5
         started = time.monotonic()
         with pytest.raises(ClientTimeout):
-            client.have(SID, deadline_ms=50)
+            client.have(SID, deadline=Deadline.after_ms(50))
         assert time.monotonic() - started < 1.0
+
+
+def test_a_spent_deadline_is_a_timeout_before_any_connect() -> None:
+    with silent_peer() as address, Client(address) as client:
+        spent = Deadline.after_ms(0)
+        for call in (
+            lambda: client.get(SID, deadline=spent),
+            lambda: client.add_nowait(SID, b"data", 1000, deadline=spent),
+        ):
+            started = time.monotonic()
+            with pytest.raises(ClientTimeout):
+                call()
+            assert time.monotonic() - started < 0.5
+        assert client._idle == []
 
 
 def test_connection_refused_is_a_client_error() -> None:
@@ -223,7 +238,7 @@ def test_connection_that_timed_out_is_not_reused() -> None:
 
     with fake_peer(handler) as address, Client(address) as client:
         with pytest.raises(ClientTimeout):
-            client.have(SID, deadline_ms=100)
+            client.have(SID, deadline=Deadline.after_ms(100))
         assert client.have(SID) is True  # a new connection: the stale reply is never read
         assert len(client._idle) == 1
 
@@ -262,10 +277,10 @@ def test_add_nowait_then_get_on_the_same_client(dc_server: str) -> None:
     with Client(dc_server) as client:
         client.add_nowait(SID, b"D" * 1500, 60_000)
         assert len(client._idle) == 1
-        assert list(client._idle[0].owed) != []  # the reply is owed, not read
+        assert client._idle[0].proto.owed != 0  # the reply is owed, not read
         assert client.get(SID) == b"D" * 1500  # reads the owed reply first, same connection
         assert len(client._idle) == 1
-        assert not client._idle[0].owed
+        assert not client._idle[0].proto.owed
         client.add_nowait(SID, b"E" * 1500, 60_000)  # ADD_MATCHING_SESSION: counts as stored
         assert client.have(SID) is True
         assert client.nowait_failures == 0
@@ -278,10 +293,10 @@ def test_many_add_nowait_all_stored(dc_server_tcp: str, finish: str) -> None:
     client = Client(dc_server_tcp, max_owed=16)
     for sid in sids:
         client.add_nowait(sid, sid * 10, 60_000)
-        assert len(client._idle[0].owed) <= 16  # bounded: read before sending more
+        assert client._idle[0].proto.owed <= 16  # bounded: read before sending more
     if finish == "drain":
         assert client.drain() is True
-        assert not client._idle[0].owed
+        assert not client._idle[0].proto.owed
     client.close()
     assert client.nowait_failures == 0
     with Client(dc_server_tcp) as check:
@@ -346,7 +361,7 @@ def test_server_dies_with_replies_owed() -> None:
         # Nobody listening: the broken connection is dropped, the new one refused.
         started = time.monotonic()
         with pytest.raises(ClientError):
-            client.have(SID, deadline_ms=500)
+            client.have(SID, deadline=Deadline.after_ms(500))
         assert time.monotonic() - started < 1.0
         assert not client._idle
         with running(argv, ready=address, stderr=subprocess.DEVNULL):
@@ -373,7 +388,7 @@ def test_owed_replies_that_never_come_cost_at_most_the_deadline() -> None:
         client.add_nowait(SID, b"data", 1000)  # a fresh connection
         started = time.monotonic()
         with pytest.raises(ClientTimeout):
-            client.get(SID, deadline_ms=50)
+            client.get(SID, deadline=Deadline.after_ms(50))
         assert time.monotonic() - started < 1.0
         assert client.nowait_failures == 3
     assert client.drain() is True
@@ -434,6 +449,6 @@ def test_forked_child_never_reads_the_parents_owed_replies(dc_server_unix: str) 
             os._exit(0 if ok and client.nowait_failures == 0 else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert client._idle == [parent_conn] and len(parent_conn.owed) == 1
+        assert client._idle == [parent_conn] and parent_conn.proto.owed == 1
         assert client.get(SID) == b"parent" * 20
         assert client.nowait_failures == 0

@@ -28,7 +28,7 @@ from tlscache.distcache.protocol import (
     encode_request,
     encode_response,
     encode_result,
-    parse_add_payload,
+    parse_add_request,
 )
 from tlscache.exceptions import ProtocolError
 
@@ -117,10 +117,16 @@ def test_empty_payload_is_one_empty_frame() -> None:
 
 def test_encode_result_and_parse_add() -> None:
     assert encode_result(1, Operation.ADD, Result.OK).hex() == "001100000100000001000001000100"
-    req = parse_add_payload(add_payload(b"abc", b"data", 1234))
-    assert (req.timeout_ms, req.id_len, req.body) == (1234, 3, b"abcdata")
+    req = parse_add_request(add_payload(b"abc", b"data", 1234))
+    assert (req.timeout_ms, req.session_id, req.data, req.refusal) == (1234, b"abc", b"data", None)
     with pytest.raises(ProtocolError):
-        parse_add_payload(b"\x00" * 7)
+        parse_add_request(b"\x00" * 7)
+
+
+@pytest.mark.parametrize("size", [0, 5, 7])
+def test_add_payload_too_short_is_protocol_error(size: int) -> None:
+    with pytest.raises(ProtocolError):
+        parse_add_request(bytes(size))
 
 
 def hdr(
@@ -288,6 +294,8 @@ def test_mutated_frames_only_raise_protocol_error(raw: bytes, chunk: int) -> Non
 def test_add_encoding_matches_vector() -> None:
     vector = next(v for v in ALL_VECTORS if v["name"] == "add_ok")
     msg = decode_all(bytes.fromhex(vector["request_hex"]), False)[0]
-    req = parse_add_payload(msg.payload)
-    sid, data = req.body[: req.id_len], req.body[req.id_len :]
-    assert encode_add(msg.uid, sid, data, req.timeout_ms).hex() == vector["request_hex"]
+    req = parse_add_request(msg.payload)
+    assert req.refusal is None
+    assert (
+        encode_add(msg.uid, req.session_id, req.data, req.timeout_ms).hex() == vector["request_hex"]
+    )

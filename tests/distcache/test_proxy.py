@@ -1,381 +1,126 @@
-"""Unit tests of dc_client's sans-IO multiplexer core (no sockets, explicit clock)."""
+"""dc_client's asyncio shell in-process: timers, reconnects, the FD: listener."""
 
 from __future__ import annotations
 
-import json
-import random
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import cast
 
-import pytest
-
-from tests.procs import VECTORS
-from tlscache.distcache.protocol import (
-    Decoder,
-    Message,
-    Operation,
-    encode_get,
-    encode_have,
-    encode_message,
-    encode_response,
-)
-from tlscache.distcache.proxy import (
-    Actions,
-    LocalClient,
-    Multiplexer,
-    Upstream,
-    disconnected_reply,
-    empty_reply,
-)
-
-DC_CLIENT = json.loads(VECTORS.read_text())["dc_client"]
+from tests.procs import free_port
+from tlscache.distcache.address import parse_address
+from tlscache.distcache.protocol import Decoder, Message, Operation, encode_have, encode_response
+from tlscache.distcache.proxy import ProxyServer
+from tlscache.distcache.sockets import listen
 
 
-class Harness:
-    """A core with an upstream that is up, and helpers to read what it emits."""
+class FakeServer(asyncio.Protocol):
+    """Answers every request ``0x01``, or never when ``silent``."""
 
-    def __init__(self, **kw: int) -> None:
-        self.now = 100.0
-        self.core: Multiplexer[str] = Multiplexer(**kw)
-        self.clients: dict[str, LocalClient[str]] = {}
-        self.upstream = bytearray()
-        self.to_client: dict[str, bytearray] = {}
-        self.closed: list[str] = []
-        self.connects = 0
-        self.resets = 0
+    silent = False
 
-    def start(self) -> None:
-        assert self.core.connect_due(self.now)
-        self.core.upstream_connected(self.now)
-        self.collect()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.decoder = Decoder(expect_response=False)
 
-    def collect(self) -> Actions[str]:
-        a = self.core.drain()
-        self.connects += a.connect
-        self.resets += a.reset_upstream
-        self.upstream += a.upstream
-        for name, data in a.writes:
-            self.to_client.setdefault(name, bytearray()).extend(data)
-        self.closed.extend(a.close)
-        return a
-
-    def connect(self, name: str) -> LocalClient[str]:
-        client = self.core.add_client(name, self.now)
-        assert client is not None
-        self.clients[name] = client
-        return client
-
-    def send(self, name: str, data: bytes) -> None:
-        self.core.client_data(self.clients[name], data, self.now)
-        self.collect()
-
-    def reply(self, data: bytes) -> None:
-        self.core.upstream_data(data, self.now)
-        self.collect()
-
-    def take_upstream(self) -> list[Message]:
-        msgs = Decoder(expect_response=False).feed(bytes(self.upstream))
-        self.upstream.clear()
-        return msgs
-
-    def take(self, name: str) -> list[Message]:
-        data = bytes(self.to_client.pop(name, b""))
-        return Decoder(expect_response=True).feed(data)
-
-    def answer_all(self, payload: bytes | None = b"\x00") -> int:
-        """Answer every forwarded request in order (``payload`` None: echo the request's)."""
-        msgs = self.take_upstream()
-        self.reply(
-            b"".join(
-                encode_response(m.uid, m.operation, m.payload if payload is None else payload)
-                for m in msgs
-            )
-        )
-        return len(msgs)
+    def data_received(self, data: bytes) -> None:
+        for m in self.decoder.feed(data):
+            if not self.silent:
+                self.transport.write(encode_response(m.uid, m.operation, b"\x01"))
 
 
-def test_uid_rewrite_matches_the_c_proxy_byte_for_byte() -> None:
-    vec = DC_CLIENT["uid_rewrite"]
-    frames = vec["server_side_frames"]
-    to_server = [bytes.fromhex(f["hex"]) for f in frames if f["dir"] == "dc_client->server"]
-    from_server = [bytes.fromhex(f["hex"]) for f in frames if f["dir"] == "server->dc_client"]
-    h = Harness()
-    h.start()
-    h.connect("A")
-    h.connect("B")
-    sent = 0
-    for step in vec["client_side"]:
-        who = step["step"][0]
-        request = bytes.fromhex(step["client_request_hex"])
-        h.send(who, request)
-        n = len(Decoder().feed(request))
-        # Everything the client sent is already upstream (pipelined, not one at a time).
-        assert bytes(h.upstream) == b"".join(to_server[sent : sent + n])
-        h.upstream.clear()
-        assert who not in h.to_client
-        h.reply(b"".join(from_server[sent : sent + n]))
-        sent += n
-        assert bytes(h.to_client.pop(who)) == bytes.fromhex(step["client_response_hex"])
-        assert not h.to_client
-    assert sent == len(to_server)
+class Silent(FakeServer):
+    silent = True
 
 
-def test_server_down_reply_matches_the_c_proxy() -> None:
-    for case in (
-        DC_CLIENT["uid_rewrite"]["server_down_response"],
-        DC_CLIENT["bad_local_input"]["no_server_ever_add"],
-    ):
-        h = Harness()
-        h.connect("A")
-        h.send("A", bytes.fromhex(case["request_hex"]))
-        assert bytes(h.to_client["A"]) == bytes.fromhex(case["response_hex"])
-        assert not h.upstream
+@asynccontextmanager
+async def proxy(tmp_path: Path, upstream_port: int, **options: int) -> AsyncIterator[str]:
+    path = str(tmp_path / "p.sock")
+    sock = listen(parse_address(f"UNIX:{path}"))
+    server = ProxyServer(sock, parse_address(f"IP:127.0.0.1:{upstream_port}"), **options)
+    task = asyncio.create_task(server.serve())
+    try:
+        yield path
+    finally:
+        server.stop()
+        await asyncio.wait_for(task, 5)
+        sock.close()
 
 
-def test_empty_reply_while_connecting_and_after_failure() -> None:
-    h = Harness(retry_ms=300)
-    h.connect("A")
-    assert h.core.connect_due(h.now)
-    assert h.core.state is Upstream.CONNECTING
-    h.send("A", encode_have(7, b"x"))
-    assert [(m.uid, m.payload) for m in h.take("A")] == [(7, b"")]
-    h.core.upstream_failed(h.now, "refused")
-    assert not h.core.connect_due(h.now + 0.299)
-    h.send("A", encode_get(8, b"x"))
-    assert bytes(h.to_client.pop("A")) == empty_reply(8, Operation.GET)
-    h.now += 0.3
-    h.core.tick(h.now)
-    assert h.collect().connect
-    h.core.upstream_connected(h.now)
-    h.send("A", encode_get(9, b"x"))
-    assert [m.uid for m in h.take_upstream()] == [1]
+async def ask(path: str, uid: int) -> Message:
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(encode_have(uid, b"x"))
+        decoder = Decoder(expect_response=True)
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "closed without an answer"
+            messages = decoder.feed(data)
+            if messages:
+                return messages[0]
+    finally:
+        writer.close()
 
 
-def test_drop_answers_outstanding_with_0x02_and_queued_with_empty() -> None:
-    h = Harness(max_in_flight=2)
-    h.start()
-    h.connect("A")
-    h.connect("B")
-    h.send("A", encode_have(10, b"a") + encode_have(11, b"a") + encode_have(12, b"a"))
-    h.send("B", encode_have(20, b"b"))
-    assert h.core.in_flight == 2 and h.core.queued == 2
-    h.core.upstream_failed(h.now, "reset by peer")
-    h.collect()
-    a = h.take("A")
-    assert [(m.uid, m.payload) for m in a] == [(10, b"\x02"), (11, b"\x02"), (12, b"")]
-    assert bytes(h.to_client.get("B", b"")) == empty_reply(20, Operation.HAVE)
-    assert h.core.in_flight == 0 and h.core.queued == 0
-    assert h.core.state is Upstream.DOWN
+def test_no_server_then_connected_on_the_retry_deadline(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with proxy(tmp_path, port, retry_ms=200) as path:
+            assert (await ask(path, 1)).payload == b""  # no server yet: "no server" answer
+            loop = asyncio.get_running_loop()
+            upstream = await loop.create_server(FakeServer, "127.0.0.1", port)
+            started = time.monotonic()
+            try:
+                while (await ask(path, 2)).payload != b"\x01":
+                    assert time.monotonic() - started < 2.0, "never reconnected"
+                    await asyncio.sleep(0.02)
+                assert time.monotonic() - started < 0.2 + 0.5
+            finally:
+                upstream.close()
+
+    asyncio.run(scenario())
 
 
-def test_fake_server_vector_0x02_reply() -> None:
-    vec = DC_CLIENT["fake_server"]
-    h = Harness()
-    h.start()
-    h.connect("A")
-    h.send("A", encode_get(9, b"whatever"))
-    assert bytes(h.upstream) == bytes.fromhex(vec["forwarded_request_hex"])
-    h.core.upstream_failed(h.now, "closed")
-    h.collect()
-    assert bytes(h.to_client["A"]) == bytes.fromhex(vec["server_closed_mid_request_response_hex"])
-    assert disconnected_reply(9, Operation.GET) == bytes.fromhex(
-        vec["server_closed_mid_request_response_hex"]
-    )
+def test_request_timeout_from_the_timer(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        upstream = await loop.create_server(Silent, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        try:
+            async with proxy(tmp_path, port, request_timeout_ms=150, retry_ms=5000) as path:
+                while True:  # "no server" answers until the proxy is connected
+                    started = time.monotonic()
+                    answer = await ask(path, 2)
+                    elapsed = time.monotonic() - started
+                    if answer.payload:
+                        break
+                    await asyncio.sleep(0.02)
+                assert (answer.uid, answer.operation, answer.payload) == (
+                    2,
+                    Operation.HAVE,
+                    b"\x02",
+                )
+                assert 0.1 < elapsed < 1.0
+        finally:
+            upstream.close()
+
+    asyncio.run(scenario())
 
 
-def test_uid_counter_continues_across_reconnects() -> None:
-    h = Harness(retry_ms=10)
-    h.start()
-    h.connect("A")
-    h.send("A", encode_have(5, b"x"))
-    assert [m.uid for m in h.take_upstream()] == [1]
-    h.core.upstream_failed(h.now, "gone")
-    h.now += 1
-    h.start()
-    h.send("A", encode_have(5, b"x"))
-    assert [m.uid for m in h.take_upstream()] == [2]
+def test_fd_listener_serves_its_one_connection_then_stops() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        server = ProxyServer(theirs, parse_address(f"IP:127.0.0.1:{free_port()}"))
+        task = asyncio.create_task(server.serve())
+        reader, writer = await asyncio.open_connection(sock=ours)
+        writer.write(encode_have(7, b"x"))
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert Decoder(expect_response=True).feed(data)[0].uid == 7
+        writer.close()
+        await asyncio.wait_for(task, 5)  # its one client gone: serve() returns
+        theirs.close()
 
-
-def test_client_vanishing_mid_request_is_dropped_alone() -> None:
-    h = Harness()
-    h.start()
-    h.connect("A")
-    h.connect("B")
-    h.send("A", encode_get(1, b"a"))
-    h.send("B", encode_get(1, b"b"))
-    h.core.client_closed(h.clients["A"])
-    h.collect()
-    assert h.answer_all(b"data") == 2
-    assert "A" not in h.to_client
-    assert [(m.uid, m.payload) for m in h.take("B")] == [(1, b"data")]
-    assert h.core.stats.discarded == 1
-    assert h.core.state is Upstream.UP and h.core.in_flight == 0
-
-
-def test_garbage_from_one_client_closes_only_that_client() -> None:
-    h = Harness()
-    h.start()
-    h.connect("A")
-    h.connect("B")
-    h.send("B", encode_have(3, b"b"))
-    h.send("A", b"GET / HTTP/1.0\r\n\r\n")
-    assert h.closed == ["A"]
-    h.send("A", encode_have(4, b"a"))  # late bytes after the close are ignored
-    assert h.answer_all() == 1
-    assert [m.uid for m in h.take("B")] == [3]
-    assert h.core.clients == 1
-
-
-def test_per_client_order_with_many_in_flight() -> None:
-    rng = random.Random(5)
-    h = Harness(max_in_flight=64)
-    h.start()
-    names = [f"c{i}" for i in range(20)]
-    for n in names:
-        h.connect(n)
-    expected: dict[str, list[int]] = {n: [] for n in names}
-    for _ in range(50):
-        for n in rng.sample(names, 7):
-            uids = [rng.randrange(1 << 32) for _ in range(rng.randrange(1, 30))]
-            expected[n] += uids
-            h.send(n, b"".join(encode_have(u, n.encode()) for u in uids))
-        assert h.core.in_flight <= 64
-        # The server answers a random prefix of what it has, in order.
-        msgs = h.take_upstream()
-        k = rng.randrange(len(msgs) + 1)
-        h.reply(b"".join(encode_response(m.uid, m.operation, m.payload) for m in msgs[:k]))
-        rest = msgs[k:]
-        h.reply(b"".join(encode_response(m.uid, m.operation, m.payload) for m in rest))
-    while h.core.in_flight:
-        h.answer_all(None)
-    for n in names:
-        got = h.take(n)
-        assert [m.uid for m in got] == expected[n]
-        assert all(m.payload == n.encode() for m in got)
-
-
-def test_round_robin_when_the_table_is_full() -> None:
-    h = Harness(max_in_flight=2)
-    h.start()
-    h.connect("A")
-    h.connect("B")
-    h.send("A", b"".join(encode_have(i, b"a") for i in range(10)))
-    h.send("B", encode_have(100, b"b"))
-    h.answer_all()  # A0, A1 answered; the next slots go to A and then B
-    upstream = h.take_upstream()
-    assert [m.payload for m in upstream] == [b"a", b"b"]
-
-
-def test_multi_frame_payload_is_forwarded_and_refragmented() -> None:
-    h = Harness()
-    h.start()
-    h.connect("A")
-    payload = bytes(range(256)) * 20  # 5120 bytes: 3 frames
-    h.send("A", encode_message(False, 77, Operation.GET, b"id"))
-    up = h.take_upstream()
-    big = encode_response(up[0].uid, Operation.GET, payload)
-    h.reply(big[:3000])
-    assert "A" not in h.to_client
-    h.reply(big[3000:])
-    assert bytes(h.to_client["A"]) == encode_response(77, Operation.GET, payload)
-    add = encode_message(False, 5, Operation.ADD, payload)
-    h.send("A", add[:100])
-    assert not h.upstream
-    h.send("A", add[100:])
-    assert bytes(h.upstream) == encode_message(False, 2, Operation.ADD, payload)
-
-
-def test_patch_level_is_normalised_like_c() -> None:
-    h = Harness()
-    h.start()
-    h.connect("A")
-    frame = bytearray(encode_have(1, b"x"))
-    frame[2:4] = b"\xab\xcd"
-    h.send("A", bytes(frame))
-    assert bytes(h.upstream) == encode_have(1, b"x")
-
-
-@pytest.mark.parametrize("kind", ["unknown uid", "wrong op", "garbage"])
-def test_bad_upstream_reply_resets_the_upstream(kind: str) -> None:
-    h = Harness()
-    h.start()
-    h.connect("A")
-    h.send("A", encode_have(1, b"x") + encode_have(2, b"y"))
-    first = h.take_upstream()[0]
-    if kind == "unknown uid":
-        bad = encode_response(999, Operation.HAVE, b"\x00")
-    elif kind == "wrong op":
-        bad = encode_response(first.uid, Operation.GET, b"\x00")
-    else:
-        bad = b"\xff" * 20
-    h.reply(bad)
-    assert h.resets == 1
-    assert h.core.state is Upstream.DOWN
-    assert [(m.uid, m.payload) for m in h.take("A")] == [(1, b"\x02"), (2, b"\x02")]
-
-
-def test_request_timeout_answers_0x02_and_resets() -> None:
-    h = Harness(request_timeout_ms=500, retry_ms=1000)
-    h.start()
-    h.connect("A")
-    h.send("A", encode_have(1, b"x"))
-    h.now += 0.4
-    h.core.tick(h.now)
-    h.collect()
-    assert h.resets == 0
-    h.now += 0.2
-    h.core.tick(h.now)
-    h.collect()
-    assert h.resets == 1
-    assert [(m.uid, m.payload) for m in h.take("A")] == [(1, b"\x02")]
-    # A late answer on the old connection is ignored.
-    h.reply(encode_response(1, Operation.HAVE, b"\x00"))
-    assert "A" not in h.to_client
-
-
-def test_idle_clients_are_closed() -> None:
-    h = Harness(idle_ms=300)
-    h.start()
-    h.connect("A")
-    h.connect("B")
-    h.send("B", encode_have(1, b"x"))  # outstanding: not idle
-    h.now += 0.31
-    h.core.tick(h.now)
-    h.collect()
-    assert h.closed == ["A"]
-    h.answer_all()
-    h.now += 0.31
-    h.core.tick(h.now)
-    h.collect()
-    assert h.closed == ["A", "B"]
-
-
-def test_max_clients() -> None:
-    core: Multiplexer[int] = Multiplexer(max_clients=2)
-    assert core.add_client(1, 0.0) is not None
-    assert core.add_client(2, 0.0) is not None
-    assert core.add_client(3, 0.0) is None
-    assert core.stats.rejected_clients == 1
-
-
-def test_any_chunking_gives_the_same_bytes() -> None:
-    """Whole frames take a fast path, split ones the full decoder: same result."""
-    stream = b"".join(
-        encode_message(False, uid, op, payload)
-        for uid, op, payload in [
-            (1, Operation.HAVE, b"a"),
-            (2, Operation.ADD, b"\x00" * 8 + b"z" * 3000),
-            (3, Operation.GET, b""),
-            (4, Operation.REMOVE, b"r" * 2048),
-        ]
-    )
-    expected: bytes | None = None
-    for step in (1, 3, 14, 15, 100, 2062, len(stream)):
-        h = Harness()
-        h.start()
-        h.connect("A")
-        for i in range(0, len(stream), step):
-            h.send("A", stream[i : i + step])
-        if expected is None:
-            expected = bytes(h.upstream)
-            assert [m.uid for m in h.take_upstream()] == [1, 2, 3, 4]
-        else:
-            assert bytes(h.upstream) == expected, step
+    asyncio.run(scenario())

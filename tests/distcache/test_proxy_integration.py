@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import free_port, running, tool, wait_connectable, wait_proxy_connected
-from tlscache.distcache.address import connect, parse_address
+from tlscache.distcache.address import parse_address
 from tlscache.distcache.client import Client
 from tlscache.distcache.protocol import (
     Decoder,
@@ -25,6 +28,7 @@ from tlscache.distcache.protocol import (
     encode_get,
     encode_have,
 )
+from tlscache.distcache.sockets import connect
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +74,12 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @pytest.fixture
@@ -345,6 +355,39 @@ def test_pipelining_client_gets_every_answer_in_order(proxy: str) -> None:
     other.close()
 
 
+def test_a_burst_of_connects_fits_the_listen_backlog(proxy: str) -> None:
+    """300 clients connecting at once (the proxy stopped meanwhile) all get in and are served."""
+    with Raw(proxy) as probe:  # the dc_client process is the peer of this connection
+        pid = peer_pid(probe.sock)
+    path = proxy.removeprefix("UNIX:")
+    socks: list[socket.socket] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setblocking(False)
+            s.connect(path)  # a full backlog: BlockingIOError (EAGAIN)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        for uid, s in enumerate(socks):
+            s.settimeout(5.0)
+            s.sendall(encode_have(uid, b"x"))
+        for uid, s in enumerate(socks):
+            reply = Decoder(expect_response=True).feed(s.recv(65536))
+            assert [(m.uid, m.payload) for m in reply] == [(uid, b"\x01")]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", cred)[0])
+
+
 def test_half_closed_client_still_gets_its_answers(proxy: str) -> None:
     raw = Raw(proxy)
     raw.sock.sendall(encode_have(1, b"a") + encode_have(2, b"b"))
@@ -357,9 +400,10 @@ def test_half_closed_client_still_gets_its_answers(proxy: str) -> None:
 @pytest.mark.parametrize("kind", ["proxy", "snoop"])
 def test_stop_before_serve_is_not_lost(kind: str, tmp_path: Path) -> None:
     """A stop request that arrives while the tool starts up (before serve runs) still stops it."""
-    from tlscache.distcache.address import listen, parse_address
+    from tlscache.distcache.address import parse_address
     from tlscache.distcache.proxy import ProxyServer
     from tlscache.distcache.snoop import Log, SnoopServer
+    from tlscache.distcache.sockets import listen
 
     sock = listen(parse_address(f"UNIX:{tmp_path / 'l.sock'}"))
     upstream = parse_address(f"IP:127.0.0.1:{free_port()}")

@@ -19,8 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.procs import VECTORS, free_port, running, tool
-from tlscache.distcache.address import connect, parse_address
-from tlscache.distcache.cache import SessionCache
+from tlscache.distcache.address import parse_address
 from tlscache.distcache.protocol import (
     HEADER,
     Decoder,
@@ -30,6 +29,8 @@ from tlscache.distcache.protocol import (
     encode_have,
 )
 from tlscache.distcache.server import Server
+from tlscache.distcache.sockets import connect
+from tlscache.distcache.table import SessionTable
 
 DATA: dict[str, Any] = json.loads(VECTORS.read_text())
 ALL_VECTORS: list[dict[str, Any]] = DATA["vectors"]
@@ -361,7 +362,7 @@ def test_embedded_server() -> None:
     """The in-process API: start on an ephemeral port, talk to it, close."""
 
     async def scenario() -> bytes:
-        srv = Server(SessionCache(64), read_timeout=1.0, stats=False)
+        srv = Server(SessionTable(64), read_timeout=1.0, stats=False)
         await srv.start(["IP:127.0.0.1:0"])
         port = srv.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -369,7 +370,7 @@ def test_embedded_server() -> None:
         data = await reader.readexactly(15 + 24)
         writer.close()
         assert srv.operations == 2
-        assert len(srv.cache) == 1
+        assert len(srv.table) == 1
         await srv.close()
         return data
 
@@ -378,7 +379,7 @@ def test_embedded_server() -> None:
 
 
 def test_bad_connection_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
-    srv = Server(SessionCache(64), stats=False)
+    srv = Server(SessionTable(64), stats=False)
     srv.max_warnings_per_second = 5
     with caplog.at_level(logging.WARNING, logger="tlscache.dc_server"):
         now = int(time.monotonic())
@@ -445,7 +446,7 @@ def test_bad_input_closes_after_the_queued_answers(read_timeout: float | None) -
     """Answers still buffered when bad input arrives are sent (within read_timeout)."""
 
     async def scenario() -> list[str]:
-        srv = Server(SessionCache(), read_timeout=read_timeout, stats=False)
+        srv = Server(SessionTable(), read_timeout=read_timeout, stats=False)
         protocol = srv._protocol()
         transport = _SlowTransport()
         protocol.connection_made(transport)
@@ -468,7 +469,7 @@ def test_serve_closes_started_listeners_when_a_later_one_fails(tmp_path: Path) -
 
     async def scenario() -> None:
         with pytest.raises(ValueError):
-            await serve([f"UNIX:{good}", f"UNIX:{bad}"], install_signals=False, stats=False)
+            await serve([f"UNIX:{good}", f"UNIX:{bad}"], stats=False)
 
     asyncio.run(scenario())
     with socket.socket(socket.AF_UNIX) as probe, pytest.raises(OSError):

@@ -1,4 +1,4 @@
-"""dc_snoop: the analyser on recorded vectors, and the relay as a real process."""
+"""dc_snoop: the relay as a real process (the analyser alone: test_analyser.py)."""
 
 from __future__ import annotations
 
@@ -13,69 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import VECTORS, free_port, running, tool
-from tlscache.distcache.protocol import (
-    Decoder,
-    encode_add,
-    encode_get,
-    encode_have,
-    encode_response,
-)
-from tlscache.distcache.snoop import C2S, S2C, ConnectionAnalyser, format_text, hexdump
-
-ALL = json.loads(VECTORS.read_text())
-
-
-def test_analyser_decodes_every_vector() -> None:
-    a = ConnectionAnalyser(1)
-    lines = []
-    requests = responses = 0
-    for v in ALL["vectors"]:
-        req = bytes.fromhex(v["request_hex"])
-        resp = bytes.fromhex(v["response_hex"]) if v["response_hex"] else b""
-        # Byte-at-a-time for one direction: the analyser must not care how bytes arrive.
-        for rec, _ in a.feed(C2S, req, 0.0):
-            requests += 1
-            lines.append(format_text(rec))
-        for i in range(len(resp)):
-            for rec, _ in a.feed(S2C, resp[i : i + 1], 0.0):
-                responses += 1
-                lines.append(format_text(rec))
-    assert requests == sum(
-        len(Decoder().feed(bytes.fromhex(v["request_hex"]))) for v in ALL["vectors"]
-    )
-    assert responses == a.messages[S2C] and responses > 30
-    assert not any("MALFORMED" in line for line in lines)
-    assert any("result=ADD_MATCHING_SESSION(0x65)" in line for line in lines)
-
-
-def test_analyser_fields() -> None:
-    a = ConnectionAnalyser(3)
-    [(add, payload)] = a.feed(C2S, encode_add(7, b"\x01\x02", b"data", 5000), 0.0)
-    assert add["op"] == "ADD" and add["id"] == "0102" and add["timeout_ms"] == 5000
-    assert add["data_len"] == 4 and payload.endswith(b"data")
-    [(get, _)] = a.feed(C2S, encode_get(8, b"\xaa"), 0.0)
-    assert get["id"] == "aa" and get["uid"] == 8
-    [(r1, _), (r2, _)] = a.feed(
-        S2C, encode_response(7, 0, b"\x00") + encode_response(8, 1, b"x" * 3000), 0.0
-    )
-    assert r1["result"] == "OK" and r1["id"] == "0102"
-    assert r2["data_len"] == 3000 and r2["frames"] == 2 and r2["id"] == "aa"
-    [(empty, _)] = a.feed(S2C, encode_response(9, 3, b""), 0.0)
-    assert empty["result"] == "EMPTY"
-    assert "payload=1" in format_text(r1)
-    assert hexdump(b"AB\x00") == "    0000  41 42 00" + " " * 39 + "  |AB.|"
-
-
-def test_analyser_reports_malformed_once_then_counts_raw() -> None:
-    a = ConnectionAnalyser(1)
-    recs = a.feed(C2S, encode_have(1, b"x") + b"GET / HTTP/1.0\r\n\r\n", 0.0)
-    assert [r.get("event") for r, _ in recs] == [None, "malformed"]
-    assert a.feed(C2S, encode_have(2, b"y"), 0.0) == []
-    assert a.raw_bytes[C2S] == 18 + len(encode_have(2, b"y"))
-    # The other direction still decodes.
-    assert len(a.feed(S2C, encode_response(1, 3, b"\x01"), 0.0)) == 1
-
+from tests.procs import free_port, running, tool
+from tlscache.distcache.protocol import encode_get, encode_have, encode_response
 
 # ---------------------------------------------------------------- real processes
 

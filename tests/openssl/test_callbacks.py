@@ -705,3 +705,25 @@ def test_callback_errors_never_log_session_bytes(
     assert not any(r.exc_info for r in caplog.records)
     for _, der, _ in h.new:
         assert der.hex() not in text and der.hex()[:32] not in text
+
+
+def test_the_openssl_layer_imports_nothing_above_it() -> None:
+    """tlscache.openssl knows its handler only by protocol: never the stores or the cache."""
+    import ast
+
+    import tlscache.openssl
+
+    above = ("tlscache.stores", "tlscache.session_cache")
+    package = Path(tlscache.openssl.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "tlscache.openssl" if node.level == 1 else "tlscache"
+                module = node.module or ""
+                modules = [module if node.level == 0 else f"{base}.{module}".rstrip(".")]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith(above), f"{path.name} imports {module}"

@@ -1,6 +1,6 @@
 """Cross-process session resumption through a real dc_server, with real TLS clients.
 
-Two pyOpenSSL server processes (``tests/openssl/tls_server.py``) with separate
+Two pyOpenSSL server processes (``tlscache_farm.tlsserver``) with separate
 Contexts and the same certificate share one dc_server: A through a dc_client
 proxy (asynchronous writes), B directly (synchronous writes). A session made on
 one must resume on the other, for TLS 1.2 (session ids) and TLS 1.3 (stateful
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.openssl.tls_server import server_argv
 from tests.procs import free_port, running, tool, wait_proxy_connected
 from tlscache.distcache.client import Client
+from tlscache_farm.tlsclient import server_argv
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Run the demo farm as a user would (``python -m tlscache_farm.orchestrator``) and talk to it."""
+"""Run the demo farm as a user would (``python -m tlscache_farm``) and talk to it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.procs import free_port
+from tlscache_farm.config import TlsVersion
+from tlscache_farm.procs import free_port
+from tlscache_farm.workload import client_context
 
 HOST = "127.0.0.1"
 
@@ -30,7 +32,7 @@ class FarmProc:
     status_port: int
     ca: Path
     log: Path
-    tls: str
+    tls: TlsVersion
 
     @property
     def status_url(self) -> str:
@@ -54,11 +56,8 @@ class FarmProc:
     def pids(self) -> list[int]:
         return [p["pid"] for p in self.status()["processes"] if p["pid"]]
 
-    def client_context(self, tls: str = "1.3") -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2 if tls == "1.2" else ssl.TLSVersion.TLSv1_3
-        return ctx
+    def client_context(self, tls: TlsVersion = "1.3") -> ssl.SSLContext:
+        return client_context(str(self.ca), tls)
 
 
 def _wait_up(farm: FarmProc, expected: int, timeout: float = 30.0) -> None:
@@ -104,14 +103,14 @@ def farm(
     certs_dir: Path,
     *,
     cache: str = "distcache",
-    tls: str = "1.3",
+    tls: TlsVersion = "1.3",
     backends: int = 3,
     extra: tuple[str, ...] = (),
 ) -> Iterator[FarmProc]:
     """The farm for the duration of the block; on exit SIGTERM, and no process may survive it."""
     port, status_port = free_port(), free_port()
     log = tmp / f"farm-{port}.log"
-    argv = [sys.executable, "-m", "tlscache_farm.orchestrator", "--port", str(port)]
+    argv = [sys.executable, "-m", "tlscache_farm", "--port", str(port)]
     argv += ["--status-port", str(status_port), "--base-port", "0", "--certs-dir", str(certs_dir)]
     argv += ["--cache", cache, "--tls", tls, "--backends", str(backends), *extra]
     with open(log, "wb") as out:

@@ -6,6 +6,7 @@ side (did the handshake resume?) and from the servers' side (which backend count
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from tlscache_farm.certs import ensure_demo_certs
-from tlscache_farm.orchestrator import remove_stale_run_dirs
-from tlscache_farm.workload import WorkloadResult, fetch_info, run_workload
 
 from tests.server.farmctl import HOST, FarmProc, farm, wait_gone
+from tlscache_farm.certs import ensure_demo_certs
+from tlscache_farm.config import TlsVersion, WorkloadConfig
+from tlscache_farm.supervisor import remove_stale_run_dirs
+from tlscache_farm.workload import WorkloadResult, fetch_info, run_workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -162,21 +164,20 @@ def test_curl_several_urls_one_full_handshake_then_resumed(shared: FarmProc) -> 
 
 
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])
-def test_python_ssl_resumption_rate_with_shared_cache(shared: FarmProc, tls: str) -> None:
+def test_python_ssl_resumption_rate_with_shared_cache(shared: FarmProc, tls: TlsVersion) -> None:
     """>= 99% of offered sessions resume, most of them on another backend than their origin."""
 
     def run() -> WorkloadResult:
-        return run_workload(
-            HOST, shared.port, ca=str(shared.ca), tls=tls, clients=20, reconnects=5, concurrency=4
-        )
+        workload = WorkloadConfig(clients=20, reconnects=5, concurrency=4)
+        return run_workload(HOST, shared.port, ca=str(shared.ca), tls=tls, workload=workload)
 
     # Sessions are sent to the store before the answer each client reads, so even TLS 1.2
     # has no race here; a store call past its deadline on a busy machine excuses a new run.
-    result = measure(shared, run, lambda r: bool(r.summary()["rate"] >= 0.99))
+    result = measure(shared, run, lambda r: r.summary().rate >= 0.99)
     s = result.summary()
-    assert s["errors"] == 0 and s["offered"] == 100, s
-    assert s["rate"] >= 0.99, (s, _cache_stats(shared))
-    assert s["resumed_elsewhere"] >= 0.5 * s["resumed"], s
+    assert s.errors == 0 and s.offered == 100, s
+    assert s.rate >= 0.99, (s, _cache_stats(shared))
+    assert s.resumed_elsewhere >= 0.5 * s.resumed, s
     assert len({x.backend for x in result.ok}) == 3
 
 
@@ -218,20 +219,20 @@ def test_status_pages(shared: FarmProc) -> None:
     assert "Who resumed where" in page and "backend-3" in page
     ctx = shared.client_context()
     info, _, _, _ = fetch_info(ctx, HOST, shared.port, None)
-    assert {"backend", "tls_version", "cipher", "resumed", "session_id", "cache"} <= set(info)
-    assert info["cache"]["breaker_state"] == "closed"
+    fields = set(dataclasses.asdict(info))
+    assert {"backend", "tls_version", "cipher", "resumed", "session_id", "cache"} <= fields
+    assert info.cache is not None and info.cache.breaker_state == "closed"
 
 
 def test_memory_cache_resumes_only_on_the_origin(tmp_path: Path, certs_dir: Path) -> None:
     """Without the shared cache a reconnect resumes only if it lands on its origin: ~1/N."""
     with farm(tmp_path, certs_dir, cache="memory") as f:
-        result = run_workload(
-            HOST, f.port, ca=str(f.ca), tls="1.3", clients=30, reconnects=5, concurrency=8
-        )
+        workload = WorkloadConfig(clients=30, reconnects=5, concurrency=8)
+        result = run_workload(HOST, f.port, ca=str(f.ca), tls="1.3", workload=workload)
     s = result.summary()
-    assert s["errors"] == 0 and s["offered"] == 150, s
-    assert 0.05 <= s["rate"] <= 0.65, s  # about 1/3, as round-robin interleaves the clients
-    assert s["resumed_elsewhere"] == 0, s
+    assert s.errors == 0 and s.offered == 150, s
+    assert 0.05 <= s.rate <= 0.65, s  # about 1/3, as round-robin interleaves the clients
+    assert s.resumed_elsewhere == 0, s
 
 
 def test_dc_server_dies_and_comes_back(tmp_path: Path, certs_dir: Path) -> None:
@@ -245,7 +246,7 @@ def test_dc_server_dies_and_comes_back(tmp_path: Path, certs_dir: Path) -> None:
             # No sleep for the TLS 1.2 race: the farm stores a session within the handshake
             # (--cache-writes sync), before the answer that fetch_info reads to its end.
             info, session, resumed, _ = fetch_info(ctx, HOST, f.port, session, timeout=10)
-            return resumed, str(info["backend"])
+            return resumed, info.backend
 
         def fresh_four() -> list[tuple[bool, str]]:
             nonlocal session
@@ -300,7 +301,7 @@ def test_sigkill_of_the_orchestrator_leaves_no_orphans(tmp_path: Path, certs_dir
 
 
 def test_report_prints_both_columns(tmp_path: Path, certs_dir: Path) -> None:
-    argv = [sys.executable, "-m", "tlscache_farm.orchestrator", "--report"]
+    argv = [sys.executable, "-m", "tlscache_farm", "--report"]
     argv += ["--certs-dir", str(certs_dir), "--clients", "12", "--reconnects", "3"]
     argv += ["--concurrency", "4", "--cache-writes", "async"]  # the library's default writes
     # Both farms start, then every client alternates between them: bounded, not fast.
@@ -316,6 +317,18 @@ def test_report_prints_both_columns(tmp_path: Path, certs_dir: Path) -> None:
     assert rates[0] - rates[1] >= 30.0, out
     for i in (1, 2, 3):
         assert f"backend-{i}" in out
+    # The last line says the same in words, with the table's numbers.
+    conclusion = re.fullmatch(
+        r"Shared cache: resumed (\d+) of (\d+) handshakes that offered a session, (\d+) of them "
+        r"on another backend; per-backend caches only: resumed (\d+) of (\d+)\.",
+        out.rstrip().splitlines()[-1],
+    )
+    assert conclusion, out
+    shared, offered, elsewhere, alone, alone_offered = map(int, conclusion.groups())
+    assert offered == alone_offered == 12 * 3, out  # clients x reconnects
+    assert [shared, alone] == [int(x) for x in re.findall(r"(\d+) \([\d.]+%\)", row)], out
+    other = next(line for line in out.splitlines() if "of which on another backend" in line)
+    assert elsewhere == int(other.split()[-2]), out
 
 
 def test_sigterm_stops_every_process(tmp_path: Path, certs_dir: Path) -> None:

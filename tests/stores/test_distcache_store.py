@@ -9,8 +9,9 @@ from typing import Any, cast
 import pytest
 
 from tests.procs import free_port, running, tool
+from tlscache.deadline import Deadline
 from tlscache.distcache.client import Client
-from tlscache.distcache.protocol import Result
+from tlscache.distcache.protocol import MAX_TIMEOUT_MS, Result
 from tlscache.exceptions import (
     ClientError,
     ClientTimeout,
@@ -20,7 +21,6 @@ from tlscache.exceptions import (
     StoreTimeout,
 )
 from tlscache.stores import DistcacheStore
-from tlscache.stores.distcache import MAX_TIMEOUT_MS
 
 
 class FakeClient:
@@ -37,27 +37,27 @@ class FakeClient:
         if self.raise_exc is not None:
             raise self.raise_exc
 
-    def add(self, sid: bytes, data: bytes, timeout_ms: int, *, deadline_ms: float) -> Result:
-        self.calls.append(("add", sid, data, timeout_ms, deadline_ms))
+    def add(self, sid: bytes, data: bytes, timeout_ms: int, *, deadline: Deadline) -> Result:
+        self.calls.append(("add", sid, data, timeout_ms, deadline))
         self._maybe_raise()
         return self.add_results.pop(0) if len(self.add_results) > 1 else self.add_results[0]
 
-    def add_nowait(self, sid: bytes, data: bytes, timeout_ms: int, *, deadline_ms: float) -> None:
-        self.calls.append(("add_nowait", sid, data, timeout_ms, deadline_ms))
+    def add_nowait(self, sid: bytes, data: bytes, timeout_ms: int, *, deadline: Deadline) -> None:
+        self.calls.append(("add_nowait", sid, data, timeout_ms, deadline))
         self._maybe_raise()
 
-    def get(self, sid: bytes, *, deadline_ms: float) -> bytes | None:
-        self.calls.append(("get", sid, deadline_ms))
+    def get(self, sid: bytes, *, deadline: Deadline) -> bytes | None:
+        self.calls.append(("get", sid, deadline))
         self._maybe_raise()
         return None
 
-    def remove(self, sid: bytes, *, deadline_ms: float) -> bool:
-        self.calls.append(("remove", sid, deadline_ms))
+    def remove(self, sid: bytes, *, deadline: Deadline) -> bool:
+        self.calls.append(("remove", sid, deadline))
         self._maybe_raise()
         return True
 
-    def have(self, sid: bytes, *, deadline_ms: float) -> bool:
-        self.calls.append(("have", sid, deadline_ms))
+    def have(self, sid: bytes, *, deadline: Deadline) -> bool:
+        self.calls.append(("have", sid, deadline))
         self._maybe_raise()
         return False
 
@@ -73,26 +73,27 @@ def make(fake: FakeClient, **kw: Any) -> DistcacheStore:
 def test_ttl_and_deadline_conversion(confirm: bool) -> None:
     fake = FakeClient()
     store = make(fake, confirm_writes=confirm)
-    store.store(b"id", b"0value", 300.0001, 0.02)
-    store.store(b"id", b"0value", 30 * 86400, 0.02)  # clamped to dc_server's 7-day maximum
-    store.store(b"id", b"0value", -5, 0.02)
+    deadline = Deadline.after(0.02)
+    store.store(b"id", b"0value", 300.0001, deadline)
+    store.store(b"id", b"0value", 30 * 86400, deadline)  # clamped to dc_server's 7-day maximum
+    store.store(b"id", b"0value", -5, deadline)
     assert [c[3] for c in fake.calls] == [300001, MAX_TIMEOUT_MS, 0]
     assert {c[0] for c in fake.calls} == {"add" if confirm else "add_nowait"}
-    assert fake.calls[0][4] == pytest.approx(20.0)
+    assert all(c[4] is deadline for c in fake.calls)  # handed on, not converted
 
 
 def test_add_matching_session_policies() -> None:
     fake = FakeClient([Result.ADD_MATCHING_SESSION])
-    make(fake, confirm_writes=True).store(b"id", b"v", 10, 0.1)  # keep: success
+    make(fake, confirm_writes=True).store(b"id", b"v", 10, Deadline.after(0.1))  # keep: success
     assert [c[0] for c in fake.calls] == ["add"]
 
     fake = FakeClient([Result.ADD_MATCHING_SESSION, Result.OK])
-    make(fake, on_exists="replace").store(b"id", b"v", 10, 0.1)
+    make(fake, on_exists="replace").store(b"id", b"v", 10, Deadline.after(0.1))
     assert [c[0] for c in fake.calls] == ["add", "remove", "add"]
 
     fake = FakeClient([Result.ADD_TIMEOUT_RANGE])
     with pytest.raises(StoreError, match="ADD_TIMEOUT_RANGE"):
-        make(fake, confirm_writes=True).store(b"id", b"v", 10, 0.1)
+        make(fake, confirm_writes=True).store(b"id", b"v", 10, Deadline.after(0.1))
     with pytest.raises(ConfigurationError):
         make(FakeClient(), on_exists=cast(Any, "overwrite"))
 
@@ -111,16 +112,16 @@ def test_error_mapping(exc: Exception, expected: type[Exception]) -> None:
     fake.raise_exc = exc
     store = make(fake)
     for call in (
-        lambda: store.store(b"id", b"v", 1, 0.01),
-        lambda: store.fetch(b"id", 0.01),
-        lambda: store.delete(b"id", 0.01),
-        lambda: store.contains(b"id", 0.01),
+        lambda: store.store(b"id", b"v", 1, Deadline.after(0.01)),
+        lambda: store.fetch(b"id", Deadline.after(0.01)),
+        lambda: store.delete(b"id", Deadline.after(0.01)),
+        lambda: store.contains(b"id", Deadline.after(0.01)),
     ):
         with pytest.raises(expected):
             call()
     if expected is StoreError:
         with pytest.raises(StoreError) as info:
-            store.fetch(b"id", 0.01)
+            store.fetch(b"id", Deadline.after(0.01))
         assert not isinstance(info.value, StoreTimeout)
 
 
@@ -128,11 +129,11 @@ def test_bad_ids_never_reach_the_server() -> None:
     fake = FakeClient()
     store = make(fake)
     with pytest.raises(StoreError):
-        store.store(b"", b"v", 1, 0.01)
+        store.store(b"", b"v", 1, Deadline.after(0.01))
     with pytest.raises(StoreError):
-        store.store(b"x" * 65, b"v", 1, 0.01)
-    assert store.fetch(b"x" * 65, 0.01) is None
-    store.delete(b"", 0.01)
+        store.store(b"x" * 65, b"v", 1, Deadline.after(0.01))
+    assert store.fetch(b"x" * 65, Deadline.after(0.01)) is None
+    store.delete(b"", Deadline.after(0.01))
     assert fake.calls == []
     store.close()
     assert fake.closed
@@ -143,24 +144,24 @@ def test_bad_ids_never_reach_the_server() -> None:
 def test_against_dc_server(dc_server: str) -> None:
     with DistcacheStore(dc_server) as store:
         sid, der = b"\x01" * 32, b"\x30" + b"s" * 134
-        assert store.fetch(sid, 1.0) is None
-        store.store(sid, der, 60, 1.0)
-        store.store(sid, der, 60, 1.0)  # ADD_MATCHING_SESSION: kept, no error
-        assert store.fetch(sid, 1.0) == der
+        assert store.fetch(sid, Deadline.after(1.0)) is None
+        store.store(sid, der, 60, Deadline.after(1.0))
+        store.store(sid, der, 60, Deadline.after(1.0))  # ADD_MATCHING_SESSION: kept, no error
+        assert store.fetch(sid, Deadline.after(1.0)) == der
         assert store.contains(sid)
-        store.delete(sid, 1.0)
-        assert store.fetch(sid, 1.0) is None
-        store.store(b"short", der, 0.001, 1.0)
+        store.delete(sid, Deadline.after(1.0))
+        assert store.fetch(sid, Deadline.after(1.0)) is None
+        store.store(b"short", der, 0.001, Deadline.after(1.0))
         time.sleep(0.01)
-        assert store.fetch(b"short", 1.0) is None
+        assert store.fetch(b"short", Deadline.after(1.0)) is None
 
 
 @pytest.mark.integration
 def test_replace_policy_against_dc_server(dc_server_tcp: str) -> None:
     with DistcacheStore(dc_server_tcp, on_exists="replace") as store:
-        store.store(b"k", b"old-value", 60, 1.0)
-        store.store(b"k", b"new-value", 60, 1.0)
-        assert store.fetch(b"k", 1.0) == b"new-value"
+        store.store(b"k", b"old-value", 60, Deadline.after(1.0))
+        store.store(b"k", b"new-value", 60, Deadline.after(1.0))
+        assert store.fetch(b"k", Deadline.after(1.0)) == b"new-value"
 
 
 @pytest.mark.integration
@@ -176,8 +177,8 @@ def test_through_dc_client_and_server_down(dc_server_tcp: str, tmp_path: Path) -
             except StoreError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        store.store(b"via-proxy", b"0value", 60, 1.0)  # pipelined: not waited for
-        assert store.fetch(b"via-proxy", 1.0) == b"0value"  # forwarded in order
+        store.store(b"via-proxy", b"0value", 60, Deadline.after(1.0))  # pipelined: not waited for
+        assert store.fetch(b"via-proxy", Deadline.after(1.0)) == b"0value"  # forwarded in order
     # dc_client with no server answers at once with "no server": a StoreError, quickly.
     dead = f"IP:127.0.0.1:{free_port()}"
     argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
@@ -185,7 +186,7 @@ def test_through_dc_client_and_server_down(dc_server_tcp: str, tmp_path: Path) -
         start = time.monotonic()
         for _ in range(5):
             with pytest.raises(StoreError) as info:
-                store.fetch(b"x", 0.5)
+                store.fetch(b"x", Deadline.after(0.5))
             assert not isinstance(info.value, StoreTimeout)
         assert time.monotonic() - start < 1.0
 
@@ -194,21 +195,21 @@ def test_through_dc_client_and_server_down(dc_server_tcp: str, tmp_path: Path) -
 def test_nothing_listening_is_a_store_error(tmp_path: Path) -> None:
     with DistcacheStore(f"UNIX:{tmp_path / 'none.sock'}") as store:
         with pytest.raises(StoreError):
-            store.fetch(b"x", 0.05)
+            store.fetch(b"x", Deadline.after(0.05))
         with pytest.raises(StoreError):
-            store.store(b"x", b"v", 1, 0.05)
+            store.store(b"x", b"v", 1, Deadline.after(0.05))
 
 
 def test_pipelined_write_failures_surface_on_the_next_store() -> None:
     fake = FakeClient()
     fake.nowait_failures = 3  # before the store existed: not this store's to report
     store = make(fake)
-    store.store(b"id", b"v", 10, 0.1)
+    store.store(b"id", b"v", 10, Deadline.after(0.1))
     fake.nowait_failures = 5  # two sent writes turned out not stored
     with pytest.raises(StoreError, match="2 earlier"):
-        store.store(b"id2", b"v", 10, 0.1)
+        store.store(b"id2", b"v", 10, Deadline.after(0.1))
     assert [c[1] for c in fake.calls] == [b"id", b"id2"]  # id2 was sent all the same
-    store.store(b"id3", b"v", 10, 0.1)  # reported once
+    store.store(b"id3", b"v", 10, Deadline.after(0.1))  # reported once
     assert store.write_failures == 5
 
 
@@ -217,11 +218,13 @@ def test_pipelined_writes_against_dc_server(dc_server: str) -> None:
     with DistcacheStore(dc_server) as store, Client(dc_server) as other:
         sids = [bytes([i]) * 32 for i in range(1, 101)]
         for sid in sids:
-            store.store(sid, b"\x30" + sid, 60, 0.02)
-        assert store.fetch(sids[-1], 1.0) == b"\x30" + sids[-1]  # same connection: in order
+            store.store(sid, b"\x30" + sid, 60, Deadline.after(0.02))
+        assert (
+            store.fetch(sids[-1], Deadline.after(1.0)) == b"\x30" + sids[-1]
+        )  # same connection: in order
         assert all(other.have(sid) for sid in sids)
         for sid in sids[:10]:
-            store.store(sid, b"\x30" + sid, 60, 0.02)  # duplicates: kept, no error
+            store.store(sid, b"\x30" + sid, 60, Deadline.after(0.02))  # duplicates: kept, no error
         assert store.contains(sids[0])
         assert store.write_failures == 0
 
@@ -234,10 +237,12 @@ def test_pipelined_writes_to_dc_client_without_server(tmp_path: Path) -> None:
     dead = f"IP:127.0.0.1:{free_port()}"
     argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
     with running(argv, ready=proxy), DistcacheStore(proxy) as store:
-        store.store(b"lost-1", b"0value", 60, 0.5)  # sent; dc_client answers "no server"
+        store.store(
+            b"lost-1", b"0value", 60, Deadline.after(0.5)
+        )  # sent; dc_client answers "no server"
         for _ in range(50):
             try:
-                store.store(b"lost-2", b"0value", 60, 0.5)
+                store.store(b"lost-2", b"0value", 60, Deadline.after(0.5))
             except StoreError as exc:
                 assert "not stored" in str(exc)
                 break

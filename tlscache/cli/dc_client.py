@@ -17,25 +17,25 @@ from tlscache.cli.options import (
     Parser,
     add_server_option,
     address,
-    fail,
     int_range,
     one_server,
 )
 from tlscache.cli.runtime import (
     StopSignals,
     add_loop_option,
+    listen_or_exit,
     new_loop,
     remove_socket_file,
     socket_file_inode,
 )
-from tlscache.distcache.address import Address, listen
-from tlscache.distcache.proxy import (
+from tlscache.distcache.address import Address
+from tlscache.distcache.multiplexer import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_MS,
-    ProxyServer,
 )
+from tlscache.distcache.proxy import ProxyServer
 
 DEFAULT_LISTEN = "UNIX:/tmp/scache"
 
@@ -128,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # while we start up is honoured before the event loop would run.
     signals = StopSignals(args.killable)
 
-    try:
-        sock = listen(listen_addr, owner=args.sockowner, group=args.sockgroup, perms=args.sockperms)
-    except (OSError, ValueError, KeyError) as exc:
-        fail(f"bad listen address {listen_addr}: {exc}")
+    # A backlog that holds a burst of as many connections as the proxy accepts.
+    sock = listen_or_exit(
+        listen_addr, args.max_clients, args.sockowner, args.sockgroup, args.sockperms
+    )
     inode = socket_file_inode(listen_addr)
 
     try:

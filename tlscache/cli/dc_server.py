@@ -13,24 +13,26 @@ import contextlib
 import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tlscache.cli.daemon import add_process_options, after_listen
 from tlscache.cli.options import Parser, address, fail
 from tlscache.cli.runtime import StopSignals, add_loop_option, checked_loop_factory, loop_name
-from tlscache.distcache.address import Address, listen
-from tlscache.distcache.cache import (
-    DEFAULT_SESSIONS,
-    MAX_SESSIONS,
-    MAX_SESSIONS_LARGE,
-    MIN_SESSIONS,
-    SessionCache,
-)
+from tlscache.distcache.address import Address
 from tlscache.distcache.server import (
     DEFAULT_READ_TIMEOUT,
     configure_logging,
     log,
     raise_fd_limit,
     run,
+)
+from tlscache.distcache.sockets import listen
+from tlscache.distcache.table import (
+    DEFAULT_SESSIONS,
+    MAX_SESSIONS,
+    MAX_SESSIONS_LARGE,
+    MIN_SESSIONS,
+    SessionTable,
 )
 from tlscache.exceptions import TlsCacheError
 
@@ -45,8 +47,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _ServerParser(Parser):
+    """The dc_server parser: C's own words when the one required switch is missing."""
+
+    def error(self, message: str) -> NoReturn:
+        # -listen is the only required switch, so argparse can only mean it here.
+        if message.startswith("the following arguments are required"):
+            message = "must provide -listen"
+        super().error(message)
+
+
 def build_parser() -> Parser:
-    parser = Parser(
+    parser = _ServerParser(
         "dc_server",
         "Serve a distcache session cache on the given addresses "
         "(IP:host:port, IP:port, UNIX:path, FD:n).",
@@ -56,6 +68,7 @@ def build_parser() -> Parser:
         metavar="ADDR",
         type=address,
         action="append",
+        required=True,
         help="address to accept connections on (required; may be repeated)",
     )
     parser.add_number(
@@ -117,10 +130,7 @@ def _listen_all(
     try:
         for addr in addresses:
             try:
-                if addr.kind == "unix":
-                    sockets.append(listen(addr, owner=owner, group=group, perms=perms))
-                else:
-                    sockets.append(listen(addr))
+                sockets.append(listen(addr, owner=owner, group=group, perms=perms))
             except (OSError, KeyError, TlsCacheError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                 fail(f"cannot listen on {addr}: {reason}")
@@ -133,13 +143,11 @@ def _listen_all(
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not args.listen:
-        fail("must provide -listen")
     top = MAX_SESSIONS_LARGE if args.allow_large else MAX_SESSIONS
     if not MIN_SESSIONS <= args.sessions <= top:
         hint = "" if args.allow_large else f" (use --allow-large for more than {MAX_SESSIONS})"
         fail(f"-sessions {args.sessions} out of range ({MIN_SESSIONS}..{top}){hint}")
-    cache = SessionCache(args.sessions, args.max_bytes, allow_large=args.allow_large)
+    table = SessionTable(args.sessions, args.max_bytes, allow_large=args.allow_large)
     factory = checked_loop_factory(args.loop)
     # From here on (clients may connect as soon as the listener exists) a stop
     # signal means a clean exit, and SIGUSR1/2 are ignored unless -killable.
@@ -167,11 +175,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         run(
             sockets,
-            cache,
+            table,
             loop=args.loop,
             ready=ready,
             stop=stop,
-            install_signals=False,
             read_timeout=args.read_timeout or None,
             max_connections=args.max_connections,
             progress=args.progress,

@@ -15,8 +15,13 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from tlscache.cli.options import Parser, add_server_option, address, fail, one_server
-from tlscache.cli.runtime import StopSignals, remove_socket_file, socket_file_inode
-from tlscache.distcache.address import Address, listen
+from tlscache.cli.runtime import (
+    StopSignals,
+    listen_or_exit,
+    remove_socket_file,
+    socket_file_inode,
+)
+from tlscache.distcache.address import Address
 from tlscache.distcache.snoop import Log, SnoopServer
 
 
@@ -26,8 +31,10 @@ def build_parser() -> Parser:
         "Relay distcache connections from -listen to -server without changing a byte, "
         "printing one line per message.",
     )
-    parser.add_argument(
-        "-listen", metavar="ADDR", type=address, help="accept connections here (required)"
+    parser.required(
+        parser.add_argument(
+            "-listen", metavar="ADDR", type=address, help="accept connections here (required)"
+        )
     )
     add_server_option(parser, "open one connection here per accepted connection (required)")
     parser.add_argument(
@@ -59,11 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signals = StopSignals(usr_signals=False)
     try:
-        sock = listen(listen_addr)
-    except (OSError, ValueError) as exc:
+        sock = listen_or_exit(listen_addr)
+    except SystemExit:
         if json_out is not None and json_out is not sys.stdout:
             json_out.close()
-        fail(f"bad listen address {listen_addr}: {exc}")
+        raise
     inode = socket_file_inode(listen_addr)
     loop = asyncio.new_event_loop()
     try:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import math
 import random
 import sys
 import threading
@@ -35,6 +34,7 @@ from tlscache.distcache.aioclient import AsyncClient
 from tlscache.distcache.client import Client
 from tlscache.distcache.protocol import MAX_ID_LEN, Operation, Result
 from tlscache.exceptions import ClientError
+from tlscache.latency import nearest_rank
 
 MAX_OPS: Final = 1_000_000
 #: Per-call deadline: generous, the tool measures the server, it does not police it.
@@ -109,12 +109,10 @@ class Report:
         return self.done / self.elapsed if self.elapsed > 0 else 0.0
 
     def percentile_us(self, q: float) -> float:
-        """The nearest-rank ``q`` quantile (0 < q <= 1) of the sorted latencies, in us."""
-        lat = self.latencies_ns
-        if not lat:
-            return 0.0
-        rank = max(1, math.ceil(q * len(lat)))  # 1-based: p99 of 100 samples is the 99th
-        return lat[min(rank, len(lat)) - 1] / 1000.0
+        """The nearest-rank ``q`` quantile (0 < q <= 1) of the sorted latencies, in us
+        (0.0 when nothing was measured)."""
+        ns = nearest_rank(self.latencies_ns, q)
+        return 0.0 if ns is None else ns / 1000.0
 
 
 class _Shared:

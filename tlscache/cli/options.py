@@ -9,11 +9,12 @@ line on stderr (C sometimes exits 0 after a failure).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-from tlscache.distcache.address import Address, parse_address
+from tlscache.distcache.address import Address, connectable, parse_address
 from tlscache.exceptions import AddressError
 
 
@@ -32,6 +33,36 @@ class Parser(argparse.ArgumentParser):
         self.add_argument(
             "-h", "-help", "-?", "--help", action="help", help="show this help and exit"
         )
+        self._required: list[argparse.Action] = []
+
+    def required(self, action: argparse.Action) -> argparse.Action:
+        """Show ``action`` as required (no brackets) in the usage line.
+
+        The tool still checks it itself after parsing, so that a missing switch
+        gets the C tools' own message (``Error, no server specified!``) rather
+        than argparse's.
+        """
+        self._required.append(action)
+        return action
+
+    def format_usage(self) -> str:
+        with self._shown_required():
+            return super().format_usage()
+
+    def format_help(self) -> str:
+        with self._shown_required():
+            return super().format_help()
+
+    @contextlib.contextmanager
+    def _shown_required(self) -> Iterator[None]:
+        saved = [action.required for action in self._required]
+        for action in self._required:
+            action.required = True
+        try:
+            yield
+        finally:
+            for action, was in zip(self._required, saved, strict=True):
+                action.required = was
 
     def add_number(
         self, switch: str, lo: int, hi: int, default: int | None, help: str, metavar: str = "N"
@@ -83,21 +114,24 @@ def address(text: str) -> Address:
 def connect_address(text: str) -> Address:
     """An argparse type for addresses that must be connectable (not ``IP:<port>``)."""
     addr = address(text)
-    if not addr.connectable:
-        raise argparse.ArgumentTypeError(f"{text!r} is a listen-only address; give IP:host:port")
-    return addr
+    try:
+        return connectable(addr)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_server_option(parser: Parser, help: str) -> None:
-    """``-server``/``-connect ADDR``, the upstream of dc_client and dc_snoop."""
-    parser.add_argument(
-        "-server",
-        "-connect",
-        dest="server",
-        metavar="ADDR",
-        action="append",
-        type=connect_address,
-        help=help,
+    """``-server``/``-connect ADDR`` (required), the upstream of dc_client and dc_snoop."""
+    parser.required(
+        parser.add_argument(
+            "-server",
+            "-connect",
+            dest="server",
+            metavar="ADDR",
+            action="append",
+            type=connect_address,
+            help=help,
+        )
     )
 
 

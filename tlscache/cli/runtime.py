@@ -5,13 +5,15 @@
   ``-killable``, SIGUSR1/SIGUSR2) from start-up, before any event loop runs, so
   a stop request that arrives while the tool starts is honoured and never kills
   it half-way; without ``-killable`` SIGUSR1/SIGUSR2 are ignored, as in C;
+* the listening socket: :func:`listen_or_exit` opens it or exits 1 with the
+  reason (``address already in use`` for a taken address);
 * the unix socket file a tool listens on: :func:`socket_file_inode` and
   :func:`remove_socket_file` remove it at exit unless something replaced it.
 
 A tool's ``main`` uses them in this order::
 
     signals = StopSignals(args.killable)         # first: before the socket exists
-    sock = listen(addr)
+    sock = listen_or_exit(addr)
     inode = socket_file_inode(addr)
     loop = new_loop(args.loop)
     try:
@@ -29,16 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
+import socket
 import stat
 from collections.abc import Callable
 from types import FrameType
 from typing import cast
 
 from tlscache.cli.options import Parser, fail
-from tlscache.distcache.address import Address
+from tlscache.distcache.address import Address, UnixAddress
 from tlscache.distcache.loops import LOOP_KINDS, LoopKind, loop_factory
+from tlscache.distcache.sockets import LISTEN_BACKLOG, listen
 
 
 def add_loop_option(parser: Parser) -> None:
@@ -111,9 +116,27 @@ class StopSignals:
         stop()
 
 
+def listen_or_exit(
+    addr: Address,
+    backlog: int = LISTEN_BACKLOG,
+    owner: str | None = None,
+    group: str | None = None,
+    perms: int | None = None,
+) -> socket.socket:
+    """:func:`~tlscache.distcache.sockets.listen`, or exit 1 saying why it failed."""
+    try:
+        return listen(addr, backlog, owner, group, perms)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"address already in use: {addr}")
+        fail(f"bad listen address {addr}: {exc}")
+    except (ValueError, KeyError) as exc:  # a file in the way; -sockowner/-sockgroup unknown
+        fail(f"bad listen address {addr}: {exc}")
+
+
 def socket_file_inode(addr: Address) -> int | None:
     """The inode of the unix socket file just created for ``addr`` (None if not unix)."""
-    if addr.kind != "unix":
+    if not isinstance(addr, UnixAddress):
         return None
     try:
         return os.lstat(addr.path).st_ino
@@ -123,7 +146,7 @@ def socket_file_inode(addr: Address) -> int | None:
 
 def remove_socket_file(addr: Address, inode: int | None) -> None:
     """Remove the unix socket file we created, unless something else replaced it."""
-    if addr.kind != "unix" or inode is None:
+    if not isinstance(addr, UnixAddress) or inode is None:
         return
     with contextlib.suppress(OSError):
         st = os.lstat(addr.path)
@@ -135,6 +158,7 @@ __all__ = [
     "StopSignals",
     "add_loop_option",
     "checked_loop_factory",
+    "listen_or_exit",
     "loop_name",
     "new_loop",
     "remove_socket_file",

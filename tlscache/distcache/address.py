@@ -9,51 +9,63 @@ Accepted forms, as in the C tools::
 
 tlscache also accepts ``IPv6:[<addr>]:<port>`` (and ``IP:[<addr>]:<port>``) for
 IPv6; the C tools have no IPv6 at all.
+
+An :data:`Address` is a tagged union of :class:`TcpAddress`, :class:`UnixAddress`
+and :class:`FdAddress`: code matches on the type and never checks a field that
+only one kind has. Parsing does no I/O; :mod:`tlscache.distcache.sockets` opens
+the sockets an address names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import stat
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, TypeAlias
 
 from tlscache.exceptions import AddressError
 
-UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminator
-LISTEN_BACKLOG = 511
+UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes including the terminator
 
 
 @dataclass(frozen=True, slots=True)
-class Address:
-    """A parsed distcache address."""
+class TcpAddress:
+    """``IP:host:port`` (or ``IPv6:[addr]:port``); ``host`` None is the wildcard."""
 
-    kind: Literal["tcp", "unix", "fd"]
-    host: str | None = None  # None: wildcard (listen only)
-    port: int = 0
-    path: str = ""
-    fd: int = -1
-    family: int = socket.AF_INET
+    host: str | None
+    port: int
+    ipv6: bool = False
     text: str = ""
 
-    @property
-    def connectable(self) -> bool:
-        """False for wildcard TCP addresses, which the C tools also refuse to connect to."""
-        return not (self.kind == "tcp" and self.host is None)
-
     def __str__(self) -> str:
-        return self.text or self.describe()
-
-    def describe(self) -> str:
-        if self.kind == "unix":
-            return f"UNIX:{self.path}"
-        if self.kind == "fd":
-            return f"FD:{self.fd}"
-        if self.family == socket.AF_INET6:
+        if self.text:
+            return self.text
+        if self.ipv6:
             return f"IPv6:[{self.host}]:{self.port}"
         return f"IP:{self.host}:{self.port}" if self.host else f"IP:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    """``UNIX:path``, a unix-domain stream socket."""
+
+    path: str
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"UNIX:{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class FdAddress:
+    """``FD:n``, a socket descriptor inherited from the parent process."""
+
+    fd: int
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"FD:{self.fd}"
+
+
+Address: TypeAlias = TcpAddress | UnixAddress | FdAddress
 
 
 def _port(text: str, whole: str) -> int:
@@ -77,132 +89,33 @@ def parse_address(text: str) -> Address:
             raise AddressError(f"address {text!r} has an empty path")
         if len(rest.encode()) > UNIX_PATH_MAX:
             raise AddressError(f"unix socket path longer than {UNIX_PATH_MAX} bytes: {rest!r}")
-        return Address("unix", path=rest, family=socket.AF_UNIX, text=text)
+        return UnixAddress(rest, text)
     if prefix == "FD":
         parts = rest.split(":")
         if len(parts) != 1 or not parts[0].isdigit():
             raise AddressError(f"address {text!r}: tlscache supports FD:<n> with one socket fd")
-        return Address("fd", fd=int(parts[0]), family=socket.AF_UNSPEC, text=text)
+        return FdAddress(int(parts[0]), text)
     if prefix in ("IP", "IPv4", "IPv6"):
         if rest.startswith("["):
             host, bracket, tail = rest[1:].partition("]")
             if not bracket or not tail.startswith(":") or not host:
                 raise AddressError(f"bad IPv6 address {text!r}; use IPv6:[addr]:port")
-            return Address(
-                "tcp", host=host, port=_port(tail[1:], text), family=socket.AF_INET6, text=text
-            )
+            return TcpAddress(host, _port(tail[1:], text), True, text)
         if prefix == "IPv6":
             raise AddressError(f"bad IPv6 address {text!r}; use IPv6:[addr]:port")
         host, sep, port_text = rest.rpartition(":")
         if not sep:
-            return Address("tcp", host=None, port=_port(rest, text), text=text)
-        if not host:
-            return Address("tcp", host=None, port=_port(port_text, text), text=text)
-        return Address("tcp", host=host, port=_port(port_text, text), text=text)
+            return TcpAddress(None, _port(rest, text), False, text)
+        return TcpAddress(host or None, _port(port_text, text), False, text)
     raise AddressError(f"unknown address prefix {prefix!r} in {text!r}")
 
 
-def _tune(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def connectable(address: str | Address) -> Address:
+    """Parse ``address`` if needed and make sure it names something to connect to.
 
-
-def _resolve(addr: Address) -> tuple[int, tuple[str, int] | tuple[str, int, int, int]]:
-    # No host: the wildcard address. AI_PASSIVE makes getaddrinfo say so (0.0.0.0);
-    # without it a missing host means loopback.
-    flags = socket.AI_PASSIVE if addr.host is None else 0
-    infos = socket.getaddrinfo(addr.host, addr.port, addr.family, socket.SOCK_STREAM, 0, flags)
-    if not infos:  # pragma: no cover - getaddrinfo raises instead
-        raise AddressError(f"cannot resolve {addr}")
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr  # type: ignore[return-value]
-
-
-def connect(addr: Address, timeout: float | None = None) -> socket.socket:
-    """A connected blocking socket (TCP_NODELAY on TCP) with ``timeout`` set."""
-    if not addr.connectable:
-        raise AddressError(f"cannot connect to the wildcard address {addr}")
-    if addr.kind == "fd":
-        fd = os.dup(addr.fd)
-        try:
-            sock = socket.socket(fileno=fd)
-        except BaseException:
-            os.close(fd)
-            raise
-    elif addr.kind == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(addr.path)
-        except BaseException:
-            sock.close()
-            raise
-    else:
-        family, sockaddr = _resolve(addr)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-    _tune(sock)
-    sock.settimeout(timeout)
-    return sock
-
-
-def listen(
-    addr: Address,
-    backlog: int = LISTEN_BACKLOG,
-    owner: str | None = None,
-    group: str | None = None,
-    perms: int | None = None,
-) -> socket.socket:
-    """A listening socket for ``addr``.
-
-    TCP listeners set SO_REUSEADDR; unix listeners replace a stale socket file
-    (but refuse to delete anything that is not a socket), then apply
-    ``owner``/``group``/``perms`` like ``-sockowner``/``-sockgroup``/``-sockperms``.
+    The wildcard TCP address is listen-only, as in the C tools.
     """
-    if addr.kind == "fd":
-        sock = socket.socket(fileno=addr.fd)
-        return sock
-    if addr.kind == "unix":
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(os.lstat(addr.path).st_mode):
-                raise AddressError(f"{addr.path} exists and is not a socket; not replacing it")
-            os.unlink(addr.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bound = False
-        try:
-            sock.bind(addr.path)
-            bound = True
-            if owner is not None or group is not None:
-                import grp
-                import pwd
-
-                uid = pwd.getpwnam(owner).pw_uid if owner is not None else -1
-                gid = grp.getgrnam(group).gr_gid if group is not None else -1
-                os.chown(addr.path, uid, gid)
-            if perms is not None:
-                os.chmod(addr.path, perms)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            if bound:  # do not leave a socket file nobody listens on
-                with contextlib.suppress(OSError):
-                    os.unlink(addr.path)
-            raise
-        return sock
-    family, sockaddr = _resolve(addr)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    addr = parse_address(address) if isinstance(address, str) else address
+    if isinstance(addr, TcpAddress) and addr.host is None:
+        raise AddressError(f"{addr} is a listen-only address; give IP:host:port")
+    return addr

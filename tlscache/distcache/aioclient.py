@@ -2,7 +2,10 @@
 
 The server answers the requests of one connection in order, but replies are
 matched by ``request_uid`` (and operation) anyway, as the C client does, so a
-confused peer is detected instead of silently mis-delivering sessions.
+confused peer is detected instead of silently mis-delivering sessions. That
+matching, and every other rule about replies, is the
+:class:`~tlscache.distcache.clientconn.ClientConnection` this module drives; it
+adds only the transport, the futures and the timer.
 
 Requests are queued for writing synchronously when a call starts, so calls
 made one after another on a connected client reach the server in that order: a
@@ -22,30 +25,25 @@ from __future__ import annotations
 import asyncio
 import math
 from types import TracebackType
-from typing import cast
+from typing import Any, TypeVar, cast
 
-from tlscache.distcache.address import Address
-from tlscache.distcache.address import connect as blocking_connect
-from tlscache.distcache.client import (
-    add_result,
-    check_reply,
-    get_result,
-    next_uid,
-    resolve,
-    yes_no_result,
+from tlscache.deadline import Deadline
+from tlscache.distcache.address import Address, connectable
+from tlscache.distcache.clientconn import (
+    ClientConnection,
+    Request,
+    add_request,
+    get_request,
+    have_request,
+    remove_request,
 )
-from tlscache.distcache.protocol import (
-    Decoder,
-    Message,
-    Operation,
-    Result,
-    encode_add,
-    encode_get,
-    encode_have,
-    encode_remove,
-    validate_add_request,
-)
-from tlscache.exceptions import ClientError, ClientTimeout, ProtocolError
+from tlscache.distcache.protocol import Result
+from tlscache.distcache.sockets import open_connection
+from tlscache.exceptions import ClientError, ClientTimeout
+
+__all__ = ["AsyncClient"]
+
+T = TypeVar("T")
 
 #: Timers may fire this early (seconds); a call this close to its deadline is expired.
 _SLACK = 0.001
@@ -55,16 +53,17 @@ _GIVE_UP_S = 5.0
 
 
 class _Protocol(asyncio.Protocol):
-    """Matches replies to pending futures by uid; fails them all on connection loss."""
+    """One connection: writes requests, resolves their futures, fails them all on loss."""
 
     def __init__(self, address: Address, loop: asyncio.AbstractEventLoop) -> None:
         self.address = address
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.decoder = Decoder(expect_response=True)
-        # uid -> (reply future, deadline on the loop's clock). A call that timed out
-        # keeps its entry until its late reply arrives, so that reply is recognised.
-        self.pending: dict[int, tuple[asyncio.Future[Message], float]] = {}
+        self.conn = ClientConnection(str(address))
+        # uid -> (future of the finished request, deadline on the loop's clock, request).
+        # A call that timed out keeps its entry until its late reply arrives, so that
+        # reply is recognised.
+        self.pending: dict[int, tuple[asyncio.Future[Request[Any]], float, Request[Any]]] = {}
         self.lost = False
         self.paused = False
         self._drain: list[asyncio.Future[None]] = []
@@ -80,19 +79,15 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            messages = self.decoder.feed(data)
-        except ProtocolError as exc:
-            self._abort(ClientError(f"malformed reply from {self.address}: {exc.reason}"))
+            done = self.conn.receive_data(data)
+        except ClientError as exc:
+            self._abort(exc)
             return
         pending = self.pending
-        for msg in messages:
-            entry = pending.pop(msg.uid, None)
-            if entry is None:
-                self._abort(ClientError(f"{self.address} sent a reply to unknown uid {msg.uid}"))
-                return
-            fut = entry[0]
+        for request in done:
+            fut = pending.pop(request.uid)[0]
             if not fut.done():  # a call that timed out or was cancelled is done already
-                fut.set_result(msg)
+                fut.set_result(request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -109,23 +104,22 @@ class _Protocol(asyncio.Protocol):
 
     # -------------------------------------------------------- requests
 
-    def send(self, uid: int, frame: bytes, deadline: float) -> asyncio.Future[Message]:
-        """Queue one request now; the future of its reply fails at ``deadline`` (loop time)."""
+    def send(self, request: Request[T], deadline: float) -> asyncio.Future[Request[T]]:
+        """Queue ``request`` now; its future fails at ``deadline`` (loop time)."""
         if self.lost or self.transport is None:
             raise ClientError(f"connection to {self.address} lost")
-        if uid in self.pending:  # only after 2**32 requests with one still in flight
-            raise ClientError(f"request uid {uid} already in flight")
-        fut: asyncio.Future[Message] = self.loop.create_future()
+        data = self.conn.send(request)
+        fut: asyncio.Future[Request[T]] = self.loop.create_future()
         if self._wbuf:
-            self._wbuf.append(frame)
+            self._wbuf.append(data)
         elif self.pending:
             # Requests already in flight: gather whatever else is sent during this loop
             # iteration into one write (one syscall instead of one per request).
-            self._wbuf.append(frame)
+            self._wbuf.append(data)
             self.loop.call_soon(self._flush)
         else:
-            self.transport.write(frame)
-        self.pending[uid] = (fut, deadline)
+            self.transport.write(data)
+        self.pending[request.uid] = (fut, deadline, request)
         if deadline < self._timer_at:
             self._arm(deadline)
         return fut
@@ -163,7 +157,7 @@ class _Protocol(asyncio.Protocol):
         self._timer_at = math.inf
         now = self.loop.time() + _SLACK
         earliest = math.inf
-        for fut, deadline in self.pending.values():
+        for fut, deadline, _ in self.pending.values():
             if fut.done():
                 if deadline + _GIVE_UP_S <= now:
                     self._abort(ClientError(f"{self.address} stopped answering"))
@@ -190,31 +184,26 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
     def _fail_all(self, error: ClientError) -> None:
+        """Settle every pending call: with its reply if that came, else with ``error``."""
         self._wbuf.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
             self._timer_at = math.inf
+        self.conn.abandon()
         pending, self.pending = self.pending, {}
-        for fut, _ in pending.values():
-            if not fut.done():
+        for fut, _, request in pending.values():
+            if fut.done():
+                continue
+            if request.done:  # answered in the same read as the reply that broke the connection
+                fut.set_result(request)
+            else:
                 fut.set_exception(error)
 
 
 async def _open(address: Address) -> _Protocol:
-    loop = asyncio.get_running_loop()
-    proto = _Protocol(address, loop)
-    if address.kind == "unix":
-        await loop.create_unix_connection(lambda: proto, address.path)
-    elif address.kind == "fd":
-        sock = blocking_connect(address)
-        await loop.create_connection(lambda: proto, sock=sock)
-    else:
-        # asyncio sets TCP_NODELAY on TCP transports itself.
-        assert address.host is not None  # resolve() refused wildcard addresses
-        await loop.create_connection(
-            lambda: proto, address.host, address.port, family=address.family
-        )
+    proto = _Protocol(address, asyncio.get_running_loop())
+    await open_connection(address, lambda: proto)
     return proto
 
 
@@ -222,16 +211,16 @@ class AsyncClient:
     """A pipelining distcache client for one event loop.
 
     Create it with :meth:`connect` (or ``async with AsyncClient(address)``). Any
-    number of calls may be in flight at once; each has its own deadline
-    (``deadline_ms``, default from the constructor) covering any reconnect,
-    the write and the reply, after which it raises :class:`ClientTimeout` (its
-    late reply, if any, is discarded).
+    number of calls may be in flight at once; each has its own deadline (a
+    :class:`~tlscache.deadline.Deadline`, by default ``deadline_ms`` from the
+    constructor) covering any reconnect, the write and the reply, after which it
+    raises :class:`ClientTimeout` (its late reply, if any, is discarded).
     """
 
     def __init__(self, address: str | Address, *, deadline_ms: float = 1000.0) -> None:
         if deadline_ms <= 0:
             raise ValueError("deadline_ms must be positive")
-        self.address = resolve(address)
+        self.address = connectable(address)
         self.deadline_ms = deadline_ms
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
@@ -241,7 +230,7 @@ class AsyncClient:
     async def connect(cls, address: str | Address, *, deadline_ms: float = 1000.0) -> AsyncClient:
         """A client already connected to ``address`` (within ``deadline_ms``)."""
         client = cls(address, deadline_ms=deadline_ms)
-        await client._ensure(_deadline(deadline_ms))
+        await client._ensure(client._default_deadline())
         return client
 
     @property
@@ -255,34 +244,22 @@ class AsyncClient:
         return len(self._proto.pending) if self._proto is not None else 0
 
     async def add(
-        self, session_id: bytes, data: bytes, timeout_ms: int, *, deadline_ms: float | None = None
+        self, session_id: bytes, data: bytes, timeout_ms: int, *, deadline: Deadline | None = None
     ) -> Result:
         """Store a session; see :meth:`tlscache.distcache.client.Client.add`."""
-        validate_add_request(session_id, data, timeout_ms)
-        uid = next_uid()
-        frame = encode_add(uid, session_id, data, timeout_ms)
-        return add_result(await self._call(frame, uid, Operation.ADD, deadline_ms))
+        return await self._call(add_request(session_id, data, timeout_ms), deadline)
 
-    async def get(self, session_id: bytes, *, deadline_ms: float | None = None) -> bytes | None:
+    async def get(self, session_id: bytes, *, deadline: Deadline | None = None) -> bytes | None:
         """The session's data, or None if absent (replies under 5 bytes count as misses)."""
-        uid = next_uid()
-        return get_result(
-            await self._call(encode_get(uid, session_id), uid, Operation.GET, deadline_ms)
-        )
+        return await self._call(get_request(session_id), deadline)
 
-    async def remove(self, session_id: bytes, *, deadline_ms: float | None = None) -> bool:
+    async def remove(self, session_id: bytes, *, deadline: Deadline | None = None) -> bool:
         """True if the session was there and is now removed."""
-        uid = next_uid()
-        payload = await self._call(
-            encode_remove(uid, session_id), uid, Operation.REMOVE, deadline_ms
-        )
-        return yes_no_result(payload, Operation.REMOVE)
+        return await self._call(remove_request(session_id), deadline)
 
-    async def have(self, session_id: bytes, *, deadline_ms: float | None = None) -> bool:
+    async def have(self, session_id: bytes, *, deadline: Deadline | None = None) -> bool:
         """True if the server holds an unexpired session with this id."""
-        uid = next_uid()
-        payload = await self._call(encode_have(uid, session_id), uid, Operation.HAVE, deadline_ms)
-        return yes_no_result(payload, Operation.HAVE)
+        return await self._call(have_request(session_id), deadline)
 
     async def close(self) -> None:
         """Close the connection; calls still pending fail with :class:`ClientError`."""
@@ -294,7 +271,7 @@ class AsyncClient:
             proto.close(ClientError("client closed"))
 
     async def __aenter__(self) -> AsyncClient:
-        await self._ensure(_deadline(self.deadline_ms))
+        await self._ensure(self._default_deadline())
         return self
 
     async def __aexit__(
@@ -309,6 +286,9 @@ class AsyncClient:
         return f"<AsyncClient {self.address} in_flight={self.in_flight}>"
 
     # ------------------------------------------------------------ internals
+
+    def _default_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.deadline_ms / 1000.0
 
     async def _ensure(self, deadline: float) -> _Protocol:
         proto = self._proto
@@ -333,29 +313,27 @@ class AsyncClient:
         self._proto = proto
         return proto
 
-    async def _call(
-        self, frame: bytes, uid: int, operation: Operation, deadline_ms: float | None
-    ) -> bytes:
+    async def _call(self, request: Request[T], deadline: Deadline | None) -> T:
         proto = self._proto
         loop = proto.loop if proto is not None else asyncio.get_running_loop()
-        deadline = loop.time() + (self.deadline_ms if deadline_ms is None else deadline_ms) / 1e3
+        # The loop's clock need not be the deadline's (uvloop keeps its own): convert once.
+        if deadline is None:
+            when = loop.time() + self.deadline_ms / 1000.0
+        else:
+            when = loop.time() + deadline.remaining()
         if proto is None or proto.lost:
-            proto = await self._ensure(deadline)
-        fut = proto.send(uid, frame, deadline)
+            proto = await self._ensure(when)
+        fut = proto.send(request, when)
         if proto.paused:  # rare: the server is not reading; bound this wait too
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(when):
                     await proto.drain()
             except TimeoutError:
                 fut.cancel()
                 raise ClientTimeout(f"{self.address} is not reading requests") from None
-        return check_reply(await fut, uid, operation)
+        return (await fut).result()
 
 
 def _usable(task: asyncio.Task[_Protocol]) -> bool:
     """True if a finished connect task holds a connection that is still up."""
     return not task.cancelled() and task.exception() is None and not task.result().lost
-
-
-def _deadline(ms: float) -> float:
-    return asyncio.get_running_loop().time() + ms / 1000.0

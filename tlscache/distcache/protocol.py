@@ -21,14 +21,21 @@ A message payload of up to 32 KiB is split greedily into 2048-byte frames.
 Unlike the C receiver, a malformed frame never aborts anything: the decoder
 raises :class:`~tlscache.exceptions.ProtocolError` and the transport closes
 that one connection.
+
+This module is the only place that knows the layout: every protocol limit, the
+frame header check (in :class:`Decoder`, the one reader every role uses), the
+fragmentation rule (:func:`encode_message`) and one parser per payload kind
+(:func:`parse_add_request`, :func:`parse_add_reply`, :func:`parse_get_reply`,
+:func:`parse_flag_reply`). Servers, clients, the proxy, the analyser and the
+stores import these and never look at header bytes themselves.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterable
 from enum import IntEnum
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
 
 from tlscache.exceptions import ProtocolError
 
@@ -38,13 +45,21 @@ PROTO_VERSION: Final = PROTO_LEVEL >> 16
 HEADER: Final = struct.Struct(">IBIBBBH")
 HEADER_SIZE: Final = HEADER.size  # 14
 MAX_FRAME_DATA: Final = 2048
-MAX_FRAME_SIZE: Final = HEADER_SIZE + MAX_FRAME_DATA
 MAX_PAYLOAD: Final = 32768
 
 MAX_ID_LEN: Final = 64
 MAX_TIMEOUT_MS: Final = 604_800_000  # 7 days, inclusive
 ADD_PREFIX: Final = struct.Struct(">II")  # timeout_ms, id_len
+#: The largest session that fits one ADD whatever its id length.
+MAX_SESSION_DATA: Final = MAX_PAYLOAD - ADD_PREFIX.size - MAX_ID_LEN
 MAX_UID: Final = 0xFFFFFFFF
+#: GET replies shorter than this are misses, as in the C client.
+MIN_SESSION_REPLY: Final = 5
+
+
+def next_uid(uid: int) -> int:
+    """The uid after ``uid``: request uids count up and wrap at 32 bits."""
+    return (uid + 1) & MAX_UID
 
 
 class Operation(IntEnum):
@@ -70,28 +85,43 @@ class Result(IntEnum):
 
 
 _OPERATIONS: Final = tuple(Operation)
+# Builds a named tuple (Message, AddRequest) without its Python-level ``__new__``:
+# the decoder makes one per message on every server, client and proxy.
+_new_record: Final = tuple.__new__
+
+# The header as the decoder reads it: fewer fields, fewer checks per frame.
+# (version, is_response, uid, op_class << 8 | operation, complete, data_len); the
+# patch level is skipped, and op_class 0 with a known operation is "<= 3".
+_unpack_header: Final = struct.Struct(">H2xBIHBH").unpack_from
+_pack_header: Final = HEADER.pack
+
+# A one-byte result frame as three pieces: the fixed lead (level, is_response=1),
+# the uid, and a prebuilt tail per operation and result (op_class, operation,
+# complete=1, data_len=1, result).
+_pack_result: Final = struct.Struct(">5sI6s").pack
+_RESULT_LEAD: Final = HEADER.pack(PROTO_LEVEL, 1, 0, 0, 0, 0, 0)[:5]
+_RESULT_TAILS: Final = tuple({r: bytes([0, op, 1, 0, 1, r]) for r in Result} for op in Operation)
 
 # Single-byte result payloads are sent constantly; build their frames once.
 RESULT_BYTES: Final = {r: bytes([r]) for r in Result}
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One defragmented request or response."""
+class Message(NamedTuple):
+    """One defragmented request or response.
+
+    A named tuple rather than a dataclass: the decoder makes one per request on
+    every server, client and proxy, and a tuple is the cheapest record to build.
+    """
 
     is_response: bool
     uid: int
     operation: Operation
     payload: bytes
 
-    def result(self) -> Result | None:
-        """The result code if this is a one-byte response payload, else None."""
-        if len(self.payload) == 1:
-            try:
-                return Result(self.payload[0])
-            except ValueError:
-                return None
-        return None
+
+#: A message's fields in :class:`Message`'s order, as a plain tuple: what a
+#: :class:`Decoder` made with ``fields=True`` returns.
+MessageFields: TypeAlias = tuple[bool, int, Operation, bytes]
 
 
 # ---------------------------------------------------------------- encoding
@@ -126,12 +156,42 @@ def encode_request(uid: int, operation: int, payload: bytes) -> bytes:
 
 
 def encode_response(uid: int, operation: int, payload: bytes) -> bytes:
+    """A response; one frame (a GET hit of a TLS session) without a detour."""
+    size = len(payload)
+    if size <= MAX_FRAME_DATA and 0 <= uid <= MAX_UID:
+        return _pack_header(PROTO_LEVEL, 1, uid, 0, operation, 1, size) + payload
     return encode_message(True, uid, operation, payload)
 
 
 def encode_result(uid: int, operation: int, result: Result) -> bytes:
-    """A one-byte result response (the commonest frame of all)."""
-    return HEADER.pack(PROTO_LEVEL, 1, uid, 0, operation, 1, 1) + RESULT_BYTES[result]
+    """A one-byte result response (the commonest frame of all), packed in one call."""
+    return _pack_result(_RESULT_LEAD, uid, _RESULT_TAILS[operation][result])
+
+
+def encode_empty_response(uid: int, operation: int) -> bytes:
+    """A response with no payload: what dc_client answers when it has no server."""
+    return HEADER.pack(PROTO_LEVEL, 1, uid, 0, operation, 1, 0)
+
+
+def encode_renumbered(messages: Iterable[tuple[int, MessageFields]]) -> bytes:
+    """Frame each message under the uid paired with it, all into one byte string.
+
+    This is dc_client's uid rewriting: requests go upstream under the proxy's
+    uids, answers go back under the client's. Direction, operation and payload
+    are kept; the protocol level becomes ours. One call frames a whole batch,
+    which is what keeps the proxy's per-message cost low.
+    """
+    out: list[bytes] = []
+    append = out.append
+    pack = HEADER.pack
+    for uid, (is_response, _, operation, payload) in messages:
+        size = len(payload)
+        if size <= MAX_FRAME_DATA:
+            append(pack(PROTO_LEVEL, is_response, uid, 0, operation, 1, size))
+            append(payload)
+        else:
+            append(encode_message(is_response, uid, operation, payload))
+    return b"".join(out)
 
 
 def add_payload(session_id: bytes, data: bytes, timeout_ms: int) -> bytes:
@@ -173,23 +233,101 @@ def validate_add_request(session_id: bytes, data: bytes, timeout_ms: int) -> Non
         )
 
 
-@dataclass(frozen=True, slots=True)
-class AddRequest:
-    """An ADD payload split into its fields (not yet range-checked)."""
+class AddRequest(NamedTuple):
+    """An ADD payload split into its fields.
+
+    ``refusal`` is the result dc_server answers without looking at its cache,
+    found with C's checks in C's order (timeout range, then an id running past
+    the payload, then id length); None when the request may be stored. A
+    refused request is still split as far as its id fits in the payload
+    (``session_id`` and ``data`` are empty when the id runs past it).
+    """
 
     timeout_ms: int
-    id_len: int
-    body: bytes  # id followed by session data; may be shorter than id_len
+    session_id: bytes
+    data: bytes
+    refusal: Result | None
 
 
-def parse_add_payload(payload: bytes) -> AddRequest:
-    """Split an ADD payload. Under 8 bytes is a protocol error (C closes the connection)."""
-    if len(payload) < ADD_PREFIX.size:
-        raise ProtocolError(
-            f"ADD payload of {len(payload)} bytes is shorter than its 8-byte prefix"
-        )
-    timeout_ms, id_len = ADD_PREFIX.unpack_from(payload)
-    return AddRequest(timeout_ms, id_len, payload[ADD_PREFIX.size :])
+_ADD_PREFIX_SIZE: Final = ADD_PREFIX.size
+_unpack_add_prefix: Final = ADD_PREFIX.unpack_from
+
+
+def parse_add_request(payload: bytes | bytearray | memoryview) -> AddRequest:
+    """Split and check an ADD payload (``u32 timeout_ms | u32 id_len | id | data``).
+
+    Under 8 bytes is a :class:`ProtocolError`: C closes the connection without
+    a reply in that case.
+    """
+    if type(payload) is not bytes:
+        payload = bytes(payload)
+    size = len(payload)
+    if size < _ADD_PREFIX_SIZE:
+        raise ProtocolError(f"ADD payload of {size} bytes is shorter than its 8-byte prefix")
+    timeout_ms, id_len = _unpack_add_prefix(payload)
+    if timeout_ms > MAX_TIMEOUT_MS:
+        return _refused(payload, timeout_ms, id_len, Result.ADD_TIMEOUT_RANGE)
+    if id_len >= size - _ADD_PREFIX_SIZE:  # no byte of session data left
+        return _refused(payload, timeout_ms, id_len, Result.ADD_CORRUPT)
+    if id_len == 0 or id_len > MAX_ID_LEN:
+        return _refused(payload, timeout_ms, id_len, Result.ADD_ID_RANGE)
+    id_end = _ADD_PREFIX_SIZE + id_len
+    return _new_record(
+        AddRequest, (timeout_ms, payload[_ADD_PREFIX_SIZE:id_end], payload[id_end:], None)
+    )
+
+
+def _refused(payload: bytes, timeout_ms: int, id_len: int, refusal: Result) -> AddRequest:
+    """A refused ADD, still split where its id fits in the payload (dc_snoop shows it)."""
+    id_end = _ADD_PREFIX_SIZE + id_len
+    if id_end > len(payload):
+        return AddRequest(timeout_ms, b"", b"", refusal)
+    return AddRequest(timeout_ms, payload[_ADD_PREFIX_SIZE:id_end], payload[id_end:], refusal)
+
+
+def add_refusal(session_id: bytes, data: bytes, timeout_ms: int) -> Result | None:
+    """What dc_server answers, without looking at its cache, to an ADD of these fields.
+
+    The same checks as :func:`parse_add_request` for fields that come without a
+    payload (an id cannot run past the payload, but data can be missing or too
+    large for any message); None when the session may be stored.
+    """
+    if not 0 <= timeout_ms <= MAX_TIMEOUT_MS:
+        return Result.ADD_TIMEOUT_RANGE
+    if not 1 <= len(session_id) <= MAX_ID_LEN:
+        return Result.ADD_ID_RANGE
+    if not data or len(data) > MAX_PAYLOAD:
+        return Result.ADD_DATA_RANGE
+    return None
+
+
+def parse_add_reply(payload: bytes) -> Result:
+    """An ADD reply: exactly one known result byte."""
+    if len(payload) != 1:
+        raise ProtocolError(f"ADD reply of {len(payload)} bytes, expected 1")
+    try:
+        return Result(payload[0])
+    except ValueError:
+        raise ProtocolError(f"unknown ADD result code {payload[0]}") from None
+
+
+def parse_get_reply(payload: bytes) -> bytes | None:
+    """A GET reply: the session data, or None for a miss (any reply under 5 bytes)."""
+    return payload if len(payload) >= MIN_SESSION_REPLY else None
+
+
+def parse_flag_reply(payload: bytes, operation: Operation) -> bool:
+    """A REMOVE or HAVE reply: ``0x00`` yes, ``0x01`` no, anything else is an error."""
+    if payload == b"\x00":
+        return True
+    if payload == b"\x01":
+        return False
+    raise ProtocolError(f"unexpected {operation.name} reply {payload[:8].hex()} ({len(payload)} B)")
+
+
+def is_unavailable_reply(payload: bytes) -> bool:
+    """True for dc_client's "no server" answers: an empty payload, or the result 0x02."""
+    return not payload or (len(payload) == 1 and payload[0] == Result.DISCONNECTED)
 
 
 # ---------------------------------------------------------------- decoding
@@ -208,36 +346,46 @@ class Decoder:
     decoder (False) refuses response frames, a client-side one (True) refuses
     requests, and None (dc_snoop) accepts both. After a :class:`ProtocolError`
     the decoder is unusable; the connection must be closed.
+
+    Every role reads through this one class, so its commonest case (a read
+    holding exactly one whole single-frame message) skips the general loop.
+
+    With ``fields=True`` the messages are plain tuples of :class:`Message`'s
+    fields, read with :meth:`feed_fields`: a named tuple is a tuple subclass,
+    which the interpreter's fast paths for building and unpacking tuples skip,
+    and the proxy builds and unpacks two per request it forwards.
     """
 
     __slots__ = (
         "_buf",
         "_expect",
+        "_fields",
         "_frag_op",
         "_frag_parts",
         "_frag_resp",
         "_frag_size",
         "_frag_uid",
+        "in_message",
     )
 
-    def __init__(self, expect_response: bool | None = False) -> None:
+    def __init__(self, expect_response: bool | None = False, *, fields: bool = False) -> None:
         self._buf = bytearray()
-        self._expect = expect_response
+        # The is_response byte every frame must carry; None accepts both.
+        self._expect = None if expect_response is None else int(expect_response)
+        self._fields = fields
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
         self._frag_uid = 0
         self._frag_op = 0
         self._frag_resp = 0
+        #: True while a partial frame or a partial multi-frame message is buffered.
+        #: An attribute, not a property: servers look at it after every read.
+        self.in_message = False
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole message (partial frame or fragments)."""
         return len(self._buf) + self._frag_size
-
-    @property
-    def in_message(self) -> bool:
-        """True while a partial frame or a partial multi-frame message is buffered."""
-        return bool(self._buf) or bool(self._frag_parts)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Add received bytes; return every message they complete, in order.
@@ -245,12 +393,29 @@ class Decoder:
         Raises :class:`ProtocolError` at the first bad frame; the messages that
         preceded it in ``data`` are then lost (see :meth:`feed_until_error`).
         """
-        buf = self._buf
-        if not buf and len(data) >= HEADER_SIZE:
-            # Fast path: parse straight from the caller's buffer, copy only the tail.
-            return self._parse(data, True, [])
-        buf += data
-        return self._parse(buf, False, [])
+        messages, error = self.feed_until_error(data)
+        if error is not None:
+            raise error
+        return messages
+
+    def feed_one(self, data: bytes | bytearray | memoryview) -> MessageFields | None:
+        """The fields of the message ``data`` holds if it is exactly one whole frame, else None.
+
+        The commonest read of all (one client, one request) without the list and
+        the result tuple of :meth:`feed_until_error`. None consumes nothing: the
+        caller then feeds the same bytes to :meth:`feed_until_error`.
+        """
+        if type(data) is bytes and len(data) >= HEADER_SIZE and not self.in_message:
+            version, resp, uid, op, complete, dlen = _unpack_header(data)
+            if (
+                len(data) - HEADER_SIZE == dlen <= MAX_FRAME_DATA
+                and complete == 1
+                and resp == self._expect
+                and op <= 3
+                and version == PROTO_VERSION
+            ):
+                return (resp == 1, uid, _OPERATIONS[op], data[HEADER_SIZE:])
+        return None
 
     def feed_until_error(
         self, data: bytes | bytearray | memoryview
@@ -260,33 +425,74 @@ class Decoder:
         The result is ``(messages, error)``; after an error the decoder is
         unusable, but a server can still answer the requests that preceded it.
         """
-        messages: list[Message] = []
+        record = self.feed_one(data)
+        if record is not None:
+            one: list[Any] = [record if self._fields else _new_record(Message, record)]
+            return one, None
+        messages: list[Any] = []  # Messages, or plain tuples of their fields (fields=True)
         try:
             buf = self._buf
-            if not buf and len(data) >= HEADER_SIZE:
-                self._parse(data, True, messages)
-            else:
+            if buf:
                 buf += data
                 self._parse(buf, False, messages)
+            else:
+                # Parse straight from the caller's buffer, copy only the tail.
+                self._parse(data, True, messages)
         except ProtocolError as exc:
             return messages, exc
         return messages, None
 
+    if TYPE_CHECKING:
+
+        def feed_fields(
+            self, data: bytes | bytearray | memoryview
+        ) -> tuple[list[MessageFields], ProtocolError | None]:
+            """:meth:`feed_until_error` of a decoder made with ``fields=True``."""
+
+    else:
+        feed_fields = feed_until_error  # the same method, typed for plain tuples
+
     def _parse(
-        self, src: bytes | bytearray | memoryview, external: bool, messages: list[Message]
-    ) -> list[Message]:
+        self, src: bytes | bytearray | memoryview, external: bool, messages: list[Any]
+    ) -> None:
+        if type(src) is not bytes:
+            # One copy of the read, so that every payload below is a plain slice.
+            src = bytes(src)
         pos = 0
         end = len(src)
-        unpack = HEADER.unpack_from
+        unpack = _unpack_header
+        new = _new_record
+        fields = self._fields
+        operations = _OPERATIONS
+        want = self._expect
+        is_response = want == 1
+        append = messages.append
+        fragments = bool(self._frag_parts)
         while end - pos >= HEADER_SIZE:
-            level, resp, uid, op_class, op, complete, dlen = unpack(src, pos)
-            self._check_header(level, resp, op_class, op, complete, dlen)
-            frame_end = pos + HEADER_SIZE + dlen
+            version, resp, uid, op, complete, dlen = unpack(src, pos)
+            body = pos + HEADER_SIZE
+            frame_end = body + dlen
+            if (
+                frame_end <= end
+                and complete == 1
+                and resp == want
+                and dlen <= MAX_FRAME_DATA
+                and op <= 3
+                and version == PROTO_VERSION
+                and not fragments
+            ):
+                # The common case: a whole single-frame message in the expected direction.
+                record = (is_response, uid, operations[op], src[body:frame_end])
+                append(record if fields else new(Message, record))
+                pos = frame_end
+                continue
+            # A fragment, a frame dc_snoop accepts either way, a partial frame or bad input.
+            self._check_header(src, pos)
             if frame_end > end:
                 break
-            chunk = bytes(src[pos + HEADER_SIZE : frame_end])
+            chunk = src[body:frame_end]
             pos = frame_end
-            if self._frag_parts:
+            if fragments:
                 if uid != self._frag_uid or op != self._frag_op or resp != self._frag_resp:
                     raise ProtocolError(
                         f"continuation frame (uid {uid:#x}, op {op}) does not match its "
@@ -300,15 +506,19 @@ class Decoder:
                     payload = b"".join(self._frag_parts)
                     self._frag_parts = []
                     self._frag_size = 0
-                    messages.append(Message(bool(resp), uid, _OPERATIONS[op], payload))
+                    fragments = False
+                    record = (resp == 1, uid, operations[op], payload)
+                    append(record if fields else new(Message, record))
             elif complete:
-                messages.append(Message(bool(resp), uid, _OPERATIONS[op], chunk))
+                record = (resp == 1, uid, operations[op], chunk)
+                append(record if fields else new(Message, record))
             else:
                 self._frag_parts.append(chunk)
                 self._frag_size = dlen
                 self._frag_uid = uid
                 self._frag_op = op
                 self._frag_resp = resp
+                fragments = True
         if end - pos >= 4:
             # Reject a wrong protocol level (or plain garbage) as early as possible.
             level = int.from_bytes(src[pos : pos + 4], "big")
@@ -319,16 +529,16 @@ class Decoder:
                 self._buf += src[pos:]
         elif pos:
             del self._buf[:pos]
-        return messages
+        self.in_message = fragments or bool(self._buf)
 
-    def _check_header(
-        self, level: int, resp: int, op_class: int, op: int, complete: int, dlen: int
-    ) -> None:
+    def _check_header(self, src: bytes, pos: int) -> None:
+        """The frame header rule: raise with the reason, or return for a valid header."""
+        level, resp, _, op_class, op, complete, dlen = HEADER.unpack_from(src, pos)
         if level >> 16 != PROTO_VERSION:
             raise _incompatible(level)
         if resp > 1:
             raise ProtocolError(f"invalid is_response byte {resp}")
-        if self._expect is not None and bool(resp) != self._expect:
+        if self._expect is not None and resp != self._expect:
             raise ProtocolError(
                 "response frame sent to a server" if resp else "request frame sent to a client"
             )

@@ -1,4 +1,9 @@
-"""The dc_server network layer: asyncio Protocols around :mod:`tlscache.distcache.service`.
+"""The dc_server network layer: an asyncio shell around :mod:`tlscache.distcache.serverconn`.
+
+The protocol, the table and every decision about a request live in the sans-IO
+:class:`~tlscache.distcache.serverconn.ServerConnection`; this module moves its
+bytes, applies backpressure, times out peers that stall, limits connections and
+logs what the connection role reports (:attr:`ServerConnection.error`).
 
 Differences from the C server, all deliberate:
 
@@ -14,7 +19,7 @@ Differences from the C server, all deliberate:
 
 Embedding::
 
-    server = Server(SessionCache(), read_timeout=5)
+    server = Server(SessionTable(), read_timeout=5)
     await server.start(["IP:127.0.0.1:9000"])
     ...
     await server.close()
@@ -26,17 +31,17 @@ import asyncio
 import contextlib
 import logging
 import resource
-import signal
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
-from tlscache.distcache.address import Address, listen, parse_address
-from tlscache.distcache.cache import SessionCache
+from tlscache.distcache import sockets
+from tlscache.distcache.address import Address, parse_address
 from tlscache.distcache.loops import LoopKind, loop_factory
-from tlscache.distcache.service import CacheService, ServerConnection
+from tlscache.distcache.serverconn import CacheService, ServerConnection
+from tlscache.distcache.table import SessionTable
 
 log = logging.getLogger("tlscache.dc_server")
 _monotonic_ns: Final = time.monotonic_ns
@@ -93,7 +98,7 @@ class _Connection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, on_lost: Callable[[], None] | None = None) -> None:
         self._server = server
         self._proto: ServerConnection = server.service.connection()
         self._feed = self._proto.feed
@@ -104,7 +109,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._continue_soon = False
         self._eof = False
-        self._on_lost: Callable[[], None] | None = None
+        self._on_lost = on_lost
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -115,7 +120,6 @@ class _Connection(asyncio.Protocol):
         server = self._server
         limit = server.max_connections
         if limit is not None and len(server.connections) >= limit:
-            server.rejected += 1
             server.warn(
                 "Warning, rejected connection from %s: already at the maximum (%d)",
                 _peer(transport),
@@ -136,12 +140,13 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         proto = self._proto
-        if proto.partial:
-            self._drop(f"end of stream inside a message ({proto.buffered} bytes buffered)")
-            return True
+        proto.end_of_input()
         if proto.pending:
             # Answer everything received first; _settle closes once it is all sent.
             self._eof = True
+            return True
+        if proto.error is not None:
+            self._drop(proto.error.reason)
             return True
         # Everything received has been answered; closing flushes those answers first.
         return False
@@ -249,7 +254,6 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         server = self._server
-        server.dropped += 1
         server.warn("Warning, closing connection from %s: %s", _peer(transport), reason)
         self._cancel_stall_timer()
         if not transport.get_write_buffer_size():
@@ -264,26 +268,24 @@ class _Connection(asyncio.Protocol):
 
 
 class Server:
-    """A dc_server: one cache, any number of listeners and connections."""
+    """A dc_server: one table, any number of listeners and connections."""
 
     def __init__(
         self,
-        cache: SessionCache | None = None,
+        table: SessionTable | None = None,
         *,
         read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         max_connections: int | None = None,
         progress: int = 0,
         stats: bool = True,
     ) -> None:
-        self.cache = cache if cache is not None else SessionCache()
-        self.service = CacheService(self.cache)
+        self.table = table if table is not None else SessionTable()
+        self.service = CacheService(self.table)
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.progress = progress
         self.stats = stats
         self.connections: set[_Connection] = set()
-        self.dropped = 0
-        self.rejected = 0
         self.max_warnings_per_second = MAX_WARNINGS_PER_SECOND
         self._warn_second = 0
         self._warned = 0
@@ -307,22 +309,30 @@ class Server:
         return _Connection(self)
 
     async def start(self, listeners: Iterable[str | Address | socket.socket]) -> None:
-        """Start accepting on every listener (address strings, Addresses or bound sockets)."""
+        """Start accepting on every listener (address strings, Addresses or bound sockets).
+
+        An inherited connected socket (``FD:n``) is served as the one connection
+        it is, as in C; :func:`serve` returns once it has gone away.
+        """
         loop = asyncio.get_running_loop()
         for item in listeners:
-            sock = item if isinstance(item, socket.socket) else listen(_as_address(item))
-            await self._serve_socket(loop, sock)
+            if isinstance(item, socket.socket):
+                sock = item
+            else:
+                sock = sockets.listen(parse_address(item) if isinstance(item, str) else item)
+            self._sockets.append(sock)
+            if sockets.is_listening(sock):
+                factory = self._protocol
+            else:
+                factory = self._single_connection(loop)
+            server = await sockets.serve(sock, factory)
+            if server is not None:
+                self._servers.append(server)
         if self._stats_task is None:
             self._stats_task = loop.create_task(self._housekeeping())
 
-    async def _serve_socket(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        self._sockets.append(sock)
-        if accepting:
-            self._servers.append(await loop.create_server(self._protocol, sock=sock, backlog=511))
-            return
-        # An inherited connected socket (FD:n): serve that one connection, as C does.
+    def _single_connection(self, loop: asyncio.AbstractEventLoop) -> Callable[[], _Connection]:
+        """The protocol factory of an ``FD:`` connection, which resolves ``_single`` when lost."""
         done: asyncio.Future[None] = loop.create_future()
         self._single = done
 
@@ -330,19 +340,7 @@ class Server:
             if not done.done():
                 done.set_result(None)
 
-        def single() -> _Connection:
-            protocol = _Connection(self)
-            protocol._on_lost = finished
-            return protocol
-
-        await loop.connect_accepted_socket(single, sock)
-
-    async def wait_single(self) -> None:
-        """For an ``FD:`` listener: wait until its one connection has gone away."""
-        if self._single is not None:
-            await self._single
-        else:
-            await asyncio.Event().wait()
+        return lambda: _Connection(self, finished)
 
     async def close(self) -> None:
         """Stop listening, close every connection and wait for the listeners to finish."""
@@ -369,7 +367,7 @@ class Server:
         """Once a second: flush expired sessions (as C's main loop does) and print statistics."""
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            self.cache.expire(now_ms())
+            self.table.expire(now_ms())
             self._flush_suppressed()
             if self.stats:
                 self.report()
@@ -395,14 +393,14 @@ class Server:
             )
             self._suppressed = 0
 
-    def report(self, force: bool = False) -> None:
+    def report(self) -> None:
         """C's statistics line, when the session count or (with -progress) the op count changed."""
         ops = self.operations
-        sessions = len(self.cache)
+        sessions = len(self.table)
         changed = sessions != self._last_sessions
         if self.progress and ops // self.progress != self._last_ops // self.progress:
             changed = True
-        if not (changed or force):
+        if not changed:
             return
         delta = sessions - self._last_sessions
         sign = "+" if delta > 0 else "-" if delta < 0 else "="
@@ -418,59 +416,39 @@ class Server:
         self._last_sessions = sessions
 
 
-def _as_address(item: str | Address) -> Address:
-    return parse_address(item) if isinstance(item, str) else item
-
-
 async def serve(
     listen_addresses: Sequence[str | Address | socket.socket],
-    cache: SessionCache | None = None,
+    table: SessionTable | None = None,
     *,
     stop: asyncio.Event | None = None,
-    killable: bool = False,
-    install_signals: bool = True,
     **options: Any,
 ) -> Server:
-    """Run a dc_server until ``stop`` is set or SIGTERM/SIGINT (and SIGUSR1/2 if ``killable``).
+    """Run a dc_server until ``stop`` is set (or its ``FD:`` connection has gone away).
 
     ``options`` go to :class:`Server`. Returns the (closed) server for its counters.
     """
-    server = Server(cache, **options)
+    server = Server(table, **options)
     try:
         await server.start(listen_addresses)
     except BaseException:
         await server.close()  # the listeners started before the failure
         raise
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handled: list[signal.Signals] = []
-    if install_signals:
-        stopping = [signal.SIGTERM, signal.SIGINT]
-        if killable:
-            stopping += [signal.SIGUSR1, signal.SIGUSR2]
-        else:
-            for sig in (signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(sig, signal.SIG_IGN)
-        for sig in stopping:
-            loop.add_signal_handler(sig, stop.set)
-            handled.append(sig)
     try:
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
         if server._single is not None:
-            waiters.append(asyncio.ensure_future(server.wait_single()))
+            waiters.append(server._single)
         _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
     finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
         await server.close()
     return server
 
 
 def run(
     listen_addresses: Sequence[str | Address | socket.socket],
-    cache: SessionCache | None = None,
+    table: SessionTable | None = None,
     *,
     loop: LoopKind = "auto",
     ready: Callable[[], None] | None = None,
@@ -481,7 +459,7 @@ def run(
     async def main() -> Server:
         if ready is not None:
             asyncio.get_running_loop().call_soon(ready)
-        return await serve(listen_addresses, cache, **options)
+        return await serve(listen_addresses, table, **options)
 
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(main())
@@ -500,7 +478,6 @@ __all__ = [
     "DEFAULT_READ_TIMEOUT",
     "Server",
     "configure_logging",
-    "loop_factory",
     "now_ms",
     "raise_fd_limit",
     "run",

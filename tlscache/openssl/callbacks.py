@@ -29,9 +29,8 @@ from typing import Any, Protocol
 
 from OpenSSL import SSL
 
-from tlscache.exceptions import ConfigurationError
+from tlscache.exceptions import ConfigurationError, describe_error
 from tlscache.openssl.resolver import Resolution, resolve
-from tlscache.stores.base import describe_error
 
 __all__ = [
     "DEFAULT_SESSION_ID_CONTEXT",

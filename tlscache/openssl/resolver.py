@@ -67,9 +67,6 @@ SIGNATURES: Mapping[str, str] = {
     "SSL_CTX_sess_set_remove_cb": "void (*)(SSL_CTX *, void (*)(SSL_CTX *, SSL_SESSION *))",
     "SSL_SESSION_get_id": "const unsigned char *(*)(const SSL_SESSION *, unsigned int *)",
     "SSL_SESSION_get_timeout": "long (*)(const SSL_SESSION *)",
-    "SSL_SESSION_get_time_ex": "int64_t (*)(const SSL_SESSION *)",
-    "SSL_SESSION_get_time": "long (*)(const SSL_SESSION *)",
-    "SSL_SESSION_set_timeout": "long (*)(SSL_SESSION *, long)",
     "SSL_CTX_set_num_tickets": "int (*)(SSL_CTX *, size_t)",
     "SSL_CTX_get_num_tickets": "size_t (*)(const SSL_CTX *)",
     "SSL_CTX_ctrl": "long (*)(SSL_CTX *, int, long, void *)",
@@ -89,7 +86,7 @@ REQUIRED: tuple[str, ...] = (
     "d2i_SSL_SESSION",
 )
 
-#: Nice to have; absent (e.g. ``get_time_ex`` before OpenSSL 3.3) means ``None``.
+#: Nice to have; absent (e.g. ``SSL_CTX_set_num_tickets`` before OpenSSL 1.1.1) means ``None``.
 OPTIONAL: tuple[str, ...] = tuple(n for n in SIGNATURES if n not in REQUIRED)
 
 #: Functions the binding declares; they prove where the binding's OpenSSL is.
@@ -116,7 +113,6 @@ _MACHINES = {
     "aarch64": _EM_AARCH64,
     "arm64": _EM_AARCH64,
 }
-_PT_LOAD = 1
 _PT_NOTE = 4
 _PF_X = 1
 _NT_GNU_BUILD_ID = 3
@@ -140,7 +136,7 @@ class Resolution:
     """The verified functions, ready to call, and how they were found.
 
     ``functions`` maps a name to a callable cdata (``None`` when an optional function is
-    absent); ``sources`` maps a name to ``"cffi"``, ``"dlsym"`` or ``"symtab"``.
+    absent); ``addresses`` holds those found by ``method`` rather than declared by cffi.
     """
 
     method: str
@@ -148,7 +144,6 @@ class Resolution:
     build_id: str | None
     bias: int | None
     addresses: Mapping[str, int]
-    sources: Mapping[str, str]
     functions: Mapping[str, Any]
     elapsed_s: float
     checks: tuple[str, ...] = field(default=())
@@ -345,7 +340,6 @@ def _call_target(machine: int, image: _Image, stub: int) -> int | None:
 class _Symbol:
     value: int
     size: int
-    shndx: int
 
 
 class _ElfFile:
@@ -431,7 +425,7 @@ class _ElfFile:
                 continue
             if st_shndx == _SHN_UNDEF or st_shndx >= _SHN_LORESERVE:
                 continue
-            found[hit].append(_Symbol(st_value, st_size, st_shndx))
+            found[hit].append(_Symbol(st_value, st_size))
         return found
 
     def read_vaddr(self, vaddr: int, length: int) -> tuple[bytes, bool] | None:
@@ -704,12 +698,9 @@ def _resolve(binary_path: str | None, *, force_file: bool) -> Resolution:
         raise ResolverError(f"cannot import pyOpenSSL's bindings: {e!r}") from None
 
     functions = _from_cffi(lib)
-    sources = dict.fromkeys(functions, "cffi")
     missing = [n for n in SIGNATURES if n not in functions]
     if not missing and not force_file:
-        return Resolution(
-            "cffi", "", None, None, {}, sources, functions, time.perf_counter() - started
-        )
+        return Resolution("cffi", "", None, None, {}, functions, time.perf_counter() - started)
 
     machine = _machine()
     stubs = _stub_addresses(ffi, lib, ANCHORS)
@@ -743,7 +734,6 @@ def _resolve(binary_path: str | None, *, force_file: bool) -> Resolution:
         checks[:0] = [f"not used: {r}" for r in reasons]
 
     functions.update(_cast_all(ffi, addresses))
-    sources.update(dict.fromkeys(addresses, method))
     absent = [n for n in REQUIRED if n not in functions]
     if absent:
         raise ResolverError(f"not found ({method}): {', '.join(absent)}")
@@ -755,7 +745,6 @@ def _resolve(binary_path: str | None, *, force_file: bool) -> Resolution:
         build_id,
         bias,
         addresses,
-        sources,
         functions,
         time.perf_counter() - started,
         tuple(checks),

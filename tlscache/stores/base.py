@@ -1,64 +1,55 @@
 """The contract between the session cache and a storage backend.
 
-The cache only ever calls these few methods, each with a time budget, so any
-backend (in-process dict, distcache, memcached, Redis) and any wrapper (sealing,
-metrics, tracing) can be slotted in without touching the OpenSSL callbacks.
+The cache only ever calls these few methods, each with a :class:`~tlscache.deadline.Deadline`,
+so any backend (in-process dict, distcache) and any wrapper (sealing, metrics, tracing) can be
+slotted in without touching the OpenSSL callbacks.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
+from tlscache.deadline import Deadline
+from tlscache.distcache import protocol
 from tlscache.exceptions import StoreError
 
-__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore", "describe_error"]
+__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore"]
 
 #: The longest session id a store must accept (TLS ids are 1..32 bytes; distcache allows 64).
-MAX_ID_LEN = 64
-#: The largest value a store must accept: distcache's limit minus its 8-byte ADD header and id.
-MAX_VALUE_LEN = 32768 - 8 - MAX_ID_LEN
-
-
-def describe_error(exc: BaseException) -> str:
-    """``exc``'s type and innermost source location, for logs: never its message or
-    traceback text, which a store (or a wrapper) may have built from a session value."""
-    tb = exc.__traceback__
-    if tb is None:
-        return type(exc).__name__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    name = os.path.basename(tb.tb_frame.f_code.co_filename)
-    return f"{type(exc).__name__} at {name}:{tb.tb_lineno}"
+MAX_ID_LEN: Final = protocol.MAX_ID_LEN
+#: The largest value a store must accept: what one distcache ADD carries with the longest id.
+MAX_VALUE_LEN: Final = protocol.MAX_SESSION_DATA
 
 
 class SessionStore(ABC):
     """Key/value storage for serialized sessions, with expiry.
 
-    ``deadline_s`` is the time budget of the call, in seconds: a store that cannot
-    finish in time raises :class:`~tlscache.exceptions.StoreTimeout`; any other
-    failure raises :class:`~tlscache.exceptions.StoreError`. Values are opaque
-    bytes; a store never interprets them (they hold master secrets: never log them).
+    ``deadline`` is when the call must be done: a store that cannot finish by then
+    raises :class:`~tlscache.exceptions.StoreTimeout`; any other failure raises
+    :class:`~tlscache.exceptions.StoreError`. A store spends from that deadline
+    (``deadline.remaining()``, ``deadline.socket_timeout()``) rather than restarting
+    a budget at each step. Values are opaque bytes; a store never interprets them
+    (they hold master secrets: never log them).
     """
 
     #: True if :meth:`take` is an atomic get-and-delete (needed for single-use tickets).
     supports_take: bool = False
 
     @abstractmethod
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
         """Keep ``value`` under ``session_id`` for ``ttl_s`` seconds (add or replace)."""
 
     @abstractmethod
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         """The unexpired value stored under ``session_id``, or None."""
 
     @abstractmethod
-    def delete(self, session_id: bytes, deadline_s: float) -> None:
+    def delete(self, session_id: bytes, deadline: Deadline) -> None:
         """Forget ``session_id``; deleting an absent id is not an error."""
 
-    def take(self, session_id: bytes, deadline_s: float) -> bytes | None:
+    def take(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         """Fetch and delete in one atomic step, so at most one caller gets the value.
 
         Only stores with ``supports_take`` implement it: a fetch followed by a
@@ -93,17 +84,17 @@ class WrappingStore(SessionStore):
         self.inner = inner
         self.supports_take = inner.supports_take
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
-        self.inner.store(session_id, value, ttl_s, deadline_s)
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
+        self.inner.store(session_id, value, ttl_s, deadline)
 
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
-        return self.inner.fetch(session_id, deadline_s)
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
+        return self.inner.fetch(session_id, deadline)
 
-    def delete(self, session_id: bytes, deadline_s: float) -> None:
-        self.inner.delete(session_id, deadline_s)
+    def delete(self, session_id: bytes, deadline: Deadline) -> None:
+        self.inner.delete(session_id, deadline)
 
-    def take(self, session_id: bytes, deadline_s: float) -> bytes | None:
-        return self.inner.take(session_id, deadline_s)
+    def take(self, session_id: bytes, deadline: Deadline) -> bytes | None:
+        return self.inner.take(session_id, deadline)
 
     def close(self) -> None:
         self.inner.close()

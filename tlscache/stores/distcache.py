@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import math
-import time
 from types import TracebackType
 from typing import Literal
 
+from tlscache.deadline import Deadline
 from tlscache.distcache.client import Client
-from tlscache.distcache.protocol import Result
+from tlscache.distcache.protocol import MAX_ID_LEN, MAX_TIMEOUT_MS, Result
 from tlscache.exceptions import (
     ClientError,
     ClientTimeout,
     ConfigurationError,
     StoreError,
     StoreTimeout,
+    describe_error,
 )
 
-from .base import MAX_ID_LEN, SessionStore
+from .base import SessionStore
 
-__all__ = ["MAX_TIMEOUT_MS", "DistcacheStore"]
-
-#: dc_server refuses ADD timeouts above 7 days (result 0x66).
-MAX_TIMEOUT_MS = 604_800_000
+__all__ = ["DistcacheStore"]
 
 OnExists = Literal["keep", "replace"]
 
 
 class _ClientErrors:
-    """Turns the client's exceptions into the store contract's (timeout or error)."""
+    """Turns the client's exceptions into the store contract's (timeout or error).
+
+    The message names the failure (type and place), never the client's text,
+    which may quote bytes the server sent.
+    """
 
     __slots__ = ("op",)
 
@@ -45,9 +47,9 @@ class _ClientErrors:
         tb: TracebackType | None,
     ) -> None:
         if isinstance(exc, ClientTimeout):
-            raise StoreTimeout(f"distcache {self.op} timed out: {exc}") from exc
+            raise StoreTimeout(f"distcache {self.op} timed out: {describe_error(exc)}") from exc
         if isinstance(exc, ClientError | ValueError | OSError):
-            raise StoreError(f"distcache {self.op} failed: {exc}") from exc
+            raise StoreError(f"distcache {self.op} failed: {describe_error(exc)}") from exc
 
 
 _ADD, _GET, _REMOVE, _HAVE = (_ClientErrors(op) for op in ("add", "get", "remove", "have"))
@@ -74,6 +76,9 @@ class DistcacheStore(SessionStore):
     and circuit breaker still see a failing store; :attr:`write_failures`
     counts them. ``confirm_writes=True`` waits for every reply instead (one
     round trip per write); ``on_exists="replace"`` always does.
+
+    Each call hands its :class:`~tlscache.deadline.Deadline` to the client as it
+    is, so every round trip of one call (``replace`` makes three) spends from it.
     """
 
     supports_take = False
@@ -104,32 +109,23 @@ class DistcacheStore(SessionStore):
         return self._client.nowait_failures
 
     @staticmethod
-    def _ms(deadline_s: float) -> float:
-        return max(0.001, deadline_s * 1000.0)
-
-    @staticmethod
     def _check_id(session_id: bytes) -> None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             raise StoreError(f"session id length {len(session_id)} outside 1..{MAX_ID_LEN}")
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
         self._check_id(session_id)
         if not value:
             raise StoreError("empty session value")
         timeout_ms = min(MAX_TIMEOUT_MS, max(0, math.ceil(ttl_s * 1000.0)))
         if not self.confirm_writes and self.on_exists == "keep":
-            self._store_nowait(session_id, value, timeout_ms, deadline_s)
+            self._store_nowait(session_id, value, timeout_ms, deadline)
             return
-        end = time.monotonic() + deadline_s
         with _ADD:
-            result = self._client.add(
-                session_id, value, timeout_ms, deadline_ms=self._ms(deadline_s)
-            )
+            result = self._client.add(session_id, value, timeout_ms, deadline=deadline)
             if result == Result.ADD_MATCHING_SESSION and self.on_exists == "replace":
-                self._client.remove(session_id, deadline_ms=self._ms(end - time.monotonic()))
-                result = self._client.add(
-                    session_id, value, timeout_ms, deadline_ms=self._ms(end - time.monotonic())
-                )
+                self._client.remove(session_id, deadline=deadline)
+                result = self._client.add(session_id, value, timeout_ms, deadline=deadline)
         if result == Result.OK or (
             result == Result.ADD_MATCHING_SESSION and self.on_exists == "keep"
         ):
@@ -137,31 +133,34 @@ class DistcacheStore(SessionStore):
         raise StoreError(f"distcache add refused: {Result(result).name}")
 
     def _store_nowait(
-        self, session_id: bytes, value: bytes, timeout_ms: int, deadline_s: float
+        self, session_id: bytes, value: bytes, timeout_ms: int, deadline: Deadline
     ) -> None:
         with _ADD:
-            self._client.add_nowait(session_id, value, timeout_ms, deadline_ms=self._ms(deadline_s))
+            self._client.add_nowait(session_id, value, timeout_ms, deadline=deadline)
         failures = self._client.nowait_failures
         if failures != self._failures_reported:
             new, self._failures_reported = failures - self._failures_reported, failures
             raise StoreError(f"{new} earlier distcache write(s) not stored")
 
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return None  # such an id can never have been stored
         with _GET:
-            return self._client.get(session_id, deadline_ms=self._ms(deadline_s))
+            return self._client.get(session_id, deadline=deadline)
 
-    def delete(self, session_id: bytes, deadline_s: float) -> None:
+    def delete(self, session_id: bytes, deadline: Deadline) -> None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return
         with _REMOVE:
-            self._client.remove(session_id, deadline_ms=self._ms(deadline_s))
+            self._client.remove(session_id, deadline=deadline)
 
-    def contains(self, session_id: bytes, deadline_s: float = 1.0) -> bool:
-        """HAVE: whether the server holds ``session_id`` (for tests and health checks)."""
+    def contains(self, session_id: bytes, deadline: Deadline | None = None) -> bool:
+        """HAVE: whether the server holds ``session_id`` (for tests and health checks).
+
+        Without a deadline, the client's default one applies.
+        """
         with _HAVE:
-            return self._client.have(session_id, deadline_ms=self._ms(deadline_s))
+            return self._client.have(session_id, deadline=deadline)
 
     def close(self) -> None:
         self._client.close()

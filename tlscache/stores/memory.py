@@ -9,6 +9,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
+from tlscache.deadline import Deadline
 from tlscache.exceptions import ConfigurationError, StoreError
 
 from .base import SessionStore
@@ -34,6 +35,9 @@ class MemoryStore(SessionStore):
     Not shared between processes: a farm needs a networked store (a forked child gets
     its own copy, with a fresh lock). ``clock`` is
     injectable so tests can move time without sleeping.
+
+    Calls wait for nothing but the store's own lock, so they cannot overrun a
+    deadline and do not consult it.
     """
 
     supports_take = True
@@ -58,7 +62,7 @@ class MemoryStore(SessionStore):
         if self._closed:
             raise StoreError("store is closed")
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline_s: float) -> None:
+    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
         expires = self._clock() + max(0.0, ttl_s)
         key, val = bytes(session_id), bytes(value)
         with self._lock:
@@ -77,7 +81,7 @@ class MemoryStore(SessionStore):
             return None
         return entry
 
-    def fetch(self, session_id: bytes, deadline_s: float) -> bytes | None:
+    def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         key = bytes(session_id)
         with self._lock:
             self._check()
@@ -87,12 +91,12 @@ class MemoryStore(SessionStore):
             self._data.move_to_end(key)
             return entry[1]
 
-    def delete(self, session_id: bytes, deadline_s: float) -> None:
+    def delete(self, session_id: bytes, deadline: Deadline) -> None:
         with self._lock:
             self._check()
             self._data.pop(bytes(session_id), None)
 
-    def take(self, session_id: bytes, deadline_s: float) -> bytes | None:
+    def take(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         key = bytes(session_id)
         with self._lock:
             self._check()

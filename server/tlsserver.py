@@ -1,6 +1,6 @@
 """A small pyOpenSSL TLS server for cross-process resumption tests and the handshake bench.
 
-    python -m tests.openssl.tls_server --cert chain.pem --key key.pem --port N --store SPEC
+    python -m tlscache_farm.tlsserver --cert chain.pem --key key.pem --port N --store SPEC
 
 ``--store``: ``dc:ADDRESS`` (a SessionCache over DistcacheStore), ``memory`` (a
 SessionCache over a MemoryStore), ``internal`` (OpenSSL's own cache, no
@@ -24,14 +24,14 @@ import struct
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
-from tests.tlsutil import VERSIONS
 from tlscache import DistcacheStore, MemoryStore, SessionCache, SessionStore
+
+from .tlsclient import VERSIONS
 
 
 class RecordingCache(SessionCache):
@@ -134,24 +134,6 @@ def serve_one(
                 break
     except (SSL.Error, OSError):
         conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
-
-
-def server_argv(cert: Path, key: Path, port: int, store: str, *extra: str) -> list[str]:
-    """The command line that runs this server with this interpreter (``extra``: more options)."""
-    return [
-        sys.executable,
-        "-m",
-        "tests.openssl.tls_server",
-        "--cert",
-        str(cert),
-        "--key",
-        str(key),
-        "--port",
-        str(port),
-        "--store",
-        store,
-        *extra,
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""SessionCache semantics: C's expiry, eviction, validation order, plus the byte bound."""
+"""SessionTable semantics: C's expiry, eviction, validation order, plus the byte bound."""
 
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.procs import VECTORS
-from tlscache.distcache.cache import (
+from tlscache.distcache.protocol import MAX_TIMEOUT_MS, Result, add_payload, parse_add_request
+from tlscache.distcache.table import (
     MAX_SESSIONS,
     MIN_SESSIONS,
-    SessionCache,
+    SessionTable,
     eviction_batch,
 )
-from tlscache.distcache.protocol import MAX_TIMEOUT_MS, Result, add_payload
-from tlscache.exceptions import ConfigurationError, ProtocolError
+from tlscache.exceptions import ConfigurationError
 
 T0 = 1_000_000  # an arbitrary server clock reading (ms)
 
 
 def test_expiry_is_strictly_later() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     assert cache.add(b"id", b"data", 1000, T0) == Result.OK
     assert cache.get(b"id", T0 + 1000) == b"data"  # now == expiry: still valid
     assert cache.have(b"id", T0 + 1000)
@@ -34,14 +34,14 @@ def test_expiry_is_strictly_later() -> None:
 
 
 def test_zero_timeout_expires_at_next_millisecond() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     assert cache.add(b"z", b"data", 0, T0) == Result.OK
     assert cache.have(b"z", T0)
     assert not cache.have(b"z", T0 + 1)
 
 
 def test_add_never_overwrites_but_expired_entry_is_replaced() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     assert cache.add(b"id", b"one", 10, T0) == Result.OK
     assert cache.add(b"id", b"two", 10, T0 + 5) == Result.ADD_MATCHING_SESSION
     assert cache.get(b"id", T0 + 5) == b"one"
@@ -50,7 +50,7 @@ def test_add_never_overwrites_but_expired_entry_is_replaced() -> None:
 
 
 def test_remove_and_readd() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     assert not cache.remove(b"id", T0)
     cache.add(b"id", b"one", 10_000, T0)
     assert cache.remove(b"id", T0)
@@ -66,7 +66,7 @@ def test_remove_and_readd() -> None:
 def test_eviction_check_vector_n64() -> None:
     """The recorded C behaviour with -sessions 64 (evicts 64 // 30 = 2)."""
     recorded = json.loads(VECTORS.read_text())["eviction_check"]["results"]["evict"]
-    cache = SessionCache(64)
+    cache = SessionTable(64)
     for k in range(64):
         assert cache.add(f"ev-{k:02d}".encode(), b"x" * 20, 100_000 + 1000 * k, T0) == 0
     results = [["add 65th", cache.add(b"ev-new", b"x" * 20, 500_000, T0)]]
@@ -79,7 +79,7 @@ def test_eviction_check_vector_n64() -> None:
 @pytest.mark.parametrize(("capacity", "batch"), [(64, 2), (512, 17), (60000, 2000), (100, 3)])
 def test_eviction_batch_sizes(capacity: int, batch: int) -> None:
     assert eviction_batch(capacity) == batch
-    cache = SessionCache(capacity)
+    cache = SessionTable(capacity)
     for k in range(capacity):
         cache.add(k.to_bytes(4, "big"), b"d", 1_000_000 - k, T0)  # later adds expire sooner
     cache.add(b"new", b"d", 5, T0)
@@ -92,7 +92,7 @@ def test_eviction_batch_sizes(capacity: int, batch: int) -> None:
 
 
 def test_equal_expiry_evicts_in_insertion_order() -> None:
-    cache = SessionCache(64)
+    cache = SessionTable(64)
     for k in range(64):
         cache.add(bytes([k + 1]), b"d", 1000, T0)
     cache.add(b"new", b"d", 1000, T0)
@@ -102,7 +102,7 @@ def test_equal_expiry_evicts_in_insertion_order() -> None:
 
 
 def test_get_does_not_refresh() -> None:
-    cache = SessionCache(64)
+    cache = SessionTable(64)
     for k in range(64):
         cache.add(bytes([k + 1]), b"d", 1000 + k, T0)
     assert cache.get(b"\x01", T0) == b"d"
@@ -111,7 +111,7 @@ def test_get_does_not_refresh() -> None:
 
 
 def test_expired_entries_make_room_before_eviction() -> None:
-    cache = SessionCache(64)
+    cache = SessionTable(64)
     for k in range(64):
         cache.add(bytes([k + 1]), b"d", 10 if k == 40 else 10_000, T0)
     cache.add(b"new", b"d", 10_000, T0 + 11)  # entry 41 expired: no eviction needed
@@ -121,16 +121,16 @@ def test_expired_entries_make_room_before_eviction() -> None:
 
 def test_capacity_limits() -> None:
     with pytest.raises(ConfigurationError):
-        SessionCache(MIN_SESSIONS - 1)
+        SessionTable(MIN_SESSIONS - 1)
     with pytest.raises(ConfigurationError):
-        SessionCache(MAX_SESSIONS + 1)
-    assert SessionCache(MAX_SESSIONS + 1, allow_large=True).capacity == MAX_SESSIONS + 1
+        SessionTable(MAX_SESSIONS + 1)
+    assert SessionTable(MAX_SESSIONS + 1, allow_large=True).capacity == MAX_SESSIONS + 1
     with pytest.raises(ConfigurationError):
-        SessionCache(100, max_bytes=0)
+        SessionTable(100, max_bytes=0)
 
 
 def test_byte_capacity() -> None:
-    cache = SessionCache(1000, max_bytes=1000)
+    cache = SessionTable(1000, max_bytes=1000)
     for k in range(9):
         assert cache.add(bytes([k + 1]) * 10, b"d" * 90, 1000 + k, T0) == Result.OK
     assert cache.total_bytes == 900
@@ -161,26 +161,24 @@ def payload(timeout: int, id_len: int, body: bytes) -> bytes:
     ],
 )
 def test_add_validation_order(raw: bytes, result: Result) -> None:
-    assert SessionCache().add_payload(raw, T0) == result
+    assert add_raw(SessionTable(), raw, T0) == result
 
 
-def test_add_payload_too_short_is_protocol_error() -> None:
-    cache = SessionCache()
-    for size in (0, 5, 7):
-        with pytest.raises(ProtocolError):
-            cache.add_payload(bytes(size), T0)
+def add_raw(cache: SessionTable, raw: bytes, now: int) -> Result:
+    """An ADD payload as dc_server handles it: parsed by the protocol, applied by the table."""
+    return cache.add_request(parse_add_request(raw), now)
 
 
 def test_duplicate_checked_after_validation_and_flush() -> None:
-    cache = SessionCache()
-    cache.add_payload(add_payload(b"id", b"d", 5), T0)
-    assert cache.add_payload(payload(MAX_TIMEOUT_MS + 1, 2, b"idd"), T0) == 102
-    assert cache.add_payload(add_payload(b"id", b"d", 5), T0) == Result.ADD_MATCHING_SESSION
-    assert cache.add_payload(add_payload(b"id", b"e", 5), T0 + 6) == Result.OK
+    cache = SessionTable()
+    add_raw(cache, add_payload(b"id", b"d", 5), T0)
+    assert add_raw(cache, payload(MAX_TIMEOUT_MS + 1, 2, b"idd"), T0) == 102
+    assert add_raw(cache, add_payload(b"id", b"d", 5), T0) == Result.ADD_MATCHING_SESSION
+    assert add_raw(cache, add_payload(b"id", b"e", 5), T0 + 6) == Result.OK
 
 
 def test_direct_add_checks() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     assert cache.add(b"", b"d", 1, T0) == Result.ADD_ID_RANGE
     assert cache.add(b"x" * 65, b"d", 1, T0) == Result.ADD_ID_RANGE
     assert cache.add(b"x", b"d", -1, T0) == Result.ADD_TIMEOUT_RANGE
@@ -194,7 +192,7 @@ def test_direct_add_checks() -> None:
 
 
 def test_any_lookup_id_length() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     for sid in (b"", b"y" * 100):
         assert cache.get(sid, T0) is None
         assert not cache.have(sid, T0)
@@ -202,7 +200,7 @@ def test_any_lookup_id_length() -> None:
 
 
 def test_periodic_expire_and_clear() -> None:
-    cache = SessionCache()
+    cache = SessionTable()
     for k in range(10):
         cache.add(bytes([k + 1]), b"d", k, T0)
     assert cache.expire(T0 + 4) == 4
@@ -264,7 +262,7 @@ OPS = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(OPS)
 def test_matches_the_c_array_model(ops: list[tuple[str, int, int]]) -> None:
-    cache = SessionCache(64)
+    cache = SessionTable(64)
     model = Model(64)
     now = T0
     for op, k, arg in ops:
@@ -282,7 +280,7 @@ def test_matches_the_c_array_model(ops: list[tuple[str, int, int]]) -> None:
 
 
 def test_heap_stays_bounded_under_remove_churn() -> None:
-    cache = SessionCache(64)
+    cache = SessionTable(64)
     for k in range(10_000):
         cache.add(b"churn", b"d", 1000, T0 + k)
         cache.remove(b"churn", T0 + k)
@@ -296,7 +294,7 @@ def test_memory_per_session() -> None:
     data = [rng.randbytes(100) for _ in range(5000)]
     tracemalloc.start()
     try:
-        cache = SessionCache(5000)
+        cache = SessionTable(5000)
         before = tracemalloc.get_traced_memory()[0]
         for k, (sid, blob) in enumerate(zip(ids, data, strict=True)):
             cache.add(sid, blob, 600_000, T0 + k)

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.procs import VECTORS
-from tlscache.distcache.cache import SessionCache
 from tlscache.distcache.protocol import (
     Decoder,
     Operation,
@@ -20,7 +19,8 @@ from tlscache.distcache.protocol import (
     encode_have,
     encode_remove,
 )
-from tlscache.distcache.service import CacheService, ServerConnection
+from tlscache.distcache.serverconn import CacheService, ServerConnection
+from tlscache.distcache.table import SessionTable
 
 DATA: dict[str, Any] = json.loads(VECTORS.read_text())
 ALL_VECTORS: list[dict[str, Any]] = DATA["vectors"]
@@ -33,7 +33,7 @@ def clock_for(name: str, now: int) -> int:
 
 
 def replay(feed_pieces: int = 1) -> list[tuple[str, bytes, bytes]]:
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     now = T0
     results = []
     for vector in ALL_VECTORS:
@@ -71,7 +71,7 @@ def conversation() -> tuple[bytes, bytes]:
 
 def test_whole_conversation_in_one_buffer() -> None:
     """All 34 requests pipelined in one read are answered in order (C drops some)."""
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     stream, expected = conversation()
     assert conn.feed(stream, T0) == expected
 
@@ -81,21 +81,21 @@ def test_whole_conversation_in_one_buffer() -> None:
 def test_arbitrary_chunking(cuts: list[int]) -> None:
     stream, expected = conversation()
     points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     got = b"".join(conn.feed(stream[a:b], T0) for a, b in itertools.pairwise(points))
     assert got == expected
     assert not conn.partial
 
 
 def test_operation_counter() -> None:
-    service = CacheService(SessionCache())
+    service = CacheService(SessionTable())
     conn = service.connection()
     conn.feed(encode_have(1, b"a") + encode_get(2, b"b") + encode_remove(3, b"c"), T0)
     assert service.operations == 3
 
 
 def test_partial_flag() -> None:
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     frame = encode_have(1, b"abc")
     assert conn.feed(frame[:9], T0) == b""
     assert conn.partial
@@ -111,7 +111,7 @@ def test_partial_flag() -> None:
 
 @pytest.mark.parametrize("size", [0, 5, 7])
 def test_short_add_payload_closes_without_reply(size: int) -> None:
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     frame = (
         bytes.fromhex("0011000000000000010000") + b"\x01" + size.to_bytes(2, "big") + bytes(size)
     )
@@ -122,7 +122,7 @@ def test_short_add_payload_closes_without_reply(size: int) -> None:
 
 
 def test_requests_before_bad_input_are_answered() -> None:
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     out = conn.feed(encode_have(1, b"a") + encode_have(2, b"b") + b"GET / HTTP/1.0\r\n\r\n", T0)
     responses = Decoder(expect_response=True).feed(out)
     assert [m.uid for m in responses] == [1, 2]
@@ -136,13 +136,13 @@ def test_bad_input_cases_set_error() -> None:
             continue
         if case["name"] == "half_close_after_request":
             continue
-        conn = CacheService(SessionCache()).connection()
+        conn = CacheService(SessionTable()).connection()
         assert conn.feed(bytes.fromhex(text), T0) == b"", case["name"]
         assert conn.error is not None, case["name"]
 
 
 def test_multiframe_get_response() -> None:
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     data = bytes(range(256)) * 100
     assert conn.feed(encode_add(1, b"big", data, 1000), T0)[-1] == 0
     out = conn.feed(encode_get(2, b"big"), T0)
@@ -151,14 +151,13 @@ def test_multiframe_get_response() -> None:
     assert (msgs[0].uid, msgs[0].operation, msgs[0].payload) == (2, Operation.GET, data)
 
 
-def test_service_handle_directly() -> None:
-    service = CacheService(SessionCache())
-    uid_op = b"\x00\x00\x00\x07\x00\x03"
-    assert service.handle(uid_op, 3, b"nope", T0).hex() == "001100000100000007000301000101"
+def test_have_miss_answer_bytes() -> None:
+    conn = CacheService(SessionTable()).connection()
+    assert conn.feed(encode_have(7, b"nope"), T0).hex() == "001100000100000007000301000101"
 
 
 def test_connection_type() -> None:
-    assert isinstance(CacheService(SessionCache()).connection(), ServerConnection)
+    assert isinstance(CacheService(SessionTable()).connection(), ServerConnection)
 
 
 def held_back(conn: ServerConnection) -> bool:
@@ -178,7 +177,7 @@ def drain(conn: ServerConnection, first: bytes) -> tuple[bytes, int]:
 
 @pytest.mark.parametrize("lead", ["single-frame", "multi-frame"])
 def test_output_budget_holds_back_requests(lead: str) -> None:
-    service = CacheService(SessionCache())
+    service = CacheService(SessionTable())
     conn = service.connection(output_budget=64 * 1024)
     big = bytes(range(256)) * 80  # 20480 bytes: a 10-frame answer
     assert conn.feed(encode_add(1, b"big", big, 60_000), T0)[-1] == 0
@@ -198,7 +197,7 @@ def test_output_budget_holds_back_requests(lead: str) -> None:
 
 
 def test_input_arriving_while_held_back_keeps_its_order() -> None:
-    conn = CacheService(SessionCache()).connection(output_budget=1)
+    conn = CacheService(SessionTable()).connection(output_budget=1)
     conn.feed(encode_add(1, b"k", b"v" * 100, 60_000), T0)
     out = conn.feed(encode_get(2, b"k") + encode_get(3, b"k"), T0)
     assert held_back(conn)
@@ -212,7 +211,7 @@ def test_input_arriving_while_held_back_keeps_its_order() -> None:
 def test_requests_before_bad_input_are_answered_on_the_slow_path() -> None:
     # A multi-frame request goes through the general decoder; the bad frame after
     # it must not swallow its answer.
-    conn = CacheService(SessionCache()).connection()
+    conn = CacheService(SessionTable()).connection()
     big = encode_add(1, b"big", b"x" * 5000, 60_000)
     out = conn.feed(big + encode_have(2, b"big") + b"GET / HTTP/1.0\r\n\r\n", T0)
     responses = Decoder(expect_response=True).feed(out)
@@ -222,7 +221,7 @@ def test_requests_before_bad_input_are_answered_on_the_slow_path() -> None:
 
 
 def test_bad_input_waits_for_held_back_answers() -> None:
-    conn = CacheService(SessionCache()).connection(output_budget=1)
+    conn = CacheService(SessionTable()).connection(output_budget=1)
     assert conn.feed(encode_add(1, b"k", b"v" * 3000, 60_000), T0)[-1] == 0
     out = conn.feed(encode_get(2, b"k")[:10], T0)
     out += conn.feed(encode_get(2, b"k")[10:] + encode_get(3, b"k") + b"\xff" * 20, T0)

@@ -1,4 +1,4 @@
-"""The dc_server session cache, without any I/O or clock of its own.
+"""dc_server's session table: id -> session with an expiry, without any I/O or clock.
 
 Semantics are those of the C dc_server (see docs/distcache.md):
 
@@ -6,14 +6,18 @@ Semantics are those of the C dc_server (see docs/distcache.md):
   is expired once ``now_ms > expiry`` (strictly later), and expired entries are
   dropped lazily before each operation;
 * ADD never overwrites an unexpired entry (result 0x65);
-* when the cache is full, the ``max(1, capacity // 30)`` entries expiring
+* when the table is full, the ``max(1, capacity // 30)`` entries expiring
   soonest are evicted before the new one is stored (FIFO by expiry, ties in
   insertion order, GET refreshes nothing).
+
+The table applies only the rules that depend on what it holds (a matching
+session, the byte bound, eviction); whether an ADD is acceptable at all is the
+protocol's call (:attr:`~tlscache.distcache.protocol.AddRequest.refusal`).
 
 Unlike the C array (linear scans), lookups are dict hits and expiry/eviction
 use a heap with lazy deletion, so every operation is O(log n).
 
-Memory matters (a cache holds tens of thousands of sessions), so an entry is
+Memory matters (a table holds tens of thousands of sessions), so an entry is
 two bytes objects and nothing else: the dict maps ``id -> record`` and the heap
 holds the very same record objects. A record is ``key || id_len || id || data``
 where ``key`` is the 16-byte big-endian ``expiry || sequence``; comparing
@@ -28,14 +32,8 @@ import heapq
 from collections.abc import Iterator
 from typing import Final
 
-from tlscache.distcache.protocol import (
-    ADD_PREFIX,
-    MAX_ID_LEN,
-    MAX_PAYLOAD,
-    MAX_TIMEOUT_MS,
-    Result,
-)
-from tlscache.exceptions import ConfigurationError, ProtocolError
+from tlscache.distcache.protocol import MAX_ID_LEN, AddRequest, Result, add_refusal
+from tlscache.exceptions import ConfigurationError
 
 DEFAULT_SESSIONS: Final = 512
 MIN_SESSIONS: Final = 64
@@ -46,27 +44,19 @@ MAX_SESSIONS_LARGE: Final = 50_000_000
 _KEY: Final = 16  # bytes of expiry (8) + insertion sequence (8)
 _ID: Final = _KEY + 1  # the id starts after the key and its length byte
 _NEVER: Final = 1 << 64  # later than any representable expiry
-_PREFIX: Final = ADD_PREFIX.size
-
-# Result codes as plain ints: the hot path compares and indexes with them.
-OK: Final = int(Result.OK)
-NOTOK: Final = int(Result.NOTOK)
-ADD_CORRUPT: Final = int(Result.ADD_CORRUPT)
-ADD_MATCHING_SESSION: Final = int(Result.ADD_MATCHING_SESSION)
-ADD_TIMEOUT_RANGE: Final = int(Result.ADD_TIMEOUT_RANGE)
-ADD_ID_RANGE: Final = int(Result.ADD_ID_RANGE)
-ADD_DATA_RANGE: Final = int(Result.ADD_DATA_RANGE)
-
-
 _ID_LEN: Final = tuple(bytes([n]) for n in range(MAX_ID_LEN + 1))
+
+_OK: Final = Result.OK
+_MATCHING_SESSION: Final = Result.ADD_MATCHING_SESSION
+_DATA_RANGE: Final = Result.ADD_DATA_RANGE
 
 
 def eviction_batch(capacity: int) -> int:
-    """How many soonest-expiring entries C evicts when the cache is full."""
+    """How many soonest-expiring entries C evicts when the table is full."""
     return max(1, capacity // 30)
 
 
-class SessionCache:
+class SessionTable:
     """Session id -> data with expiry, bounded by count and optionally by bytes.
 
     ``now_ms`` is passed into every operation so that the caller owns the clock
@@ -114,20 +104,12 @@ class SessionCache:
         return self._capacity
 
     @property
-    def max_bytes(self) -> int | None:
-        return self._max_bytes
-
-    @property
     def total_bytes(self) -> int:
         """Sum of id and data lengths of the stored entries (what ``max_bytes`` bounds)."""
         return self._bytes
 
     def __len__(self) -> int:
         return len(self._store)
-
-    def __contains__(self, session_id: object) -> bool:
-        """Presence without expiring anything (for inspection; use :meth:`have`)."""
-        return session_id in self._store
 
     def ids(self) -> Iterator[bytes]:
         """Stored ids, including any expired ones not yet flushed."""
@@ -158,83 +140,53 @@ class SessionCache:
         self._next_expiry = int.from_bytes(heap[0][:8], "big") if heap else _NEVER
         return before - len(store)
 
-    def add(self, session_id: bytes, data: bytes, timeout_ms: int, now_ms: int) -> int:
+    def add(self, session_id: bytes, data: bytes, timeout_ms: int, now_ms: int) -> Result:
+        """Store a session given as plain fields; return dc_server's ADD result."""
+        request = AddRequest(
+            timeout_ms, bytes(session_id), bytes(data), add_refusal(session_id, data, timeout_ms)
+        )
+        return self.add_request(request, now_ms)
+
+    def add_request(self, request: AddRequest, now_ms: int) -> Result:
         """Store a session as dc_server's ADD does; return the one-byte result code.
 
-        The checks and their order are C's minus the one that only concerns
-        the wire layout (an id running past the end of the payload).
+        A request the protocol already refuses is answered with that refusal;
+        otherwise the table's own rules apply: an unexpired entry with the same
+        id is kept (0x65), a session over the byte bound is refused (0x68), and
+        a full table makes room by evicting the soonest-expiring entries.
         """
-        if not 0 <= timeout_ms <= MAX_TIMEOUT_MS:
-            return ADD_TIMEOUT_RANGE
-        if not 1 <= len(session_id) <= MAX_ID_LEN:
-            return ADD_ID_RANGE
-        if not data or len(data) > MAX_PAYLOAD:
-            return ADD_DATA_RANGE
-        return self._insert(bytes(session_id), data, timeout_ms, now_ms)
-
-    def add_payload(self, payload: bytes, now_ms: int) -> int:
-        """Handle a raw ADD payload (``u32 timeout | u32 id_len | id | data``)."""
-        return self.add_from(payload, 0, len(payload), now_ms)
-
-    def add_from(
-        self, buf: bytes | bytearray | memoryview, start: int, end: int, now_ms: int
-    ) -> int:
-        """:meth:`add_payload` for ``buf[start:end]`` without copying the payload first.
-
-        Raises :class:`ProtocolError` for a payload under 8 bytes: C closes the
-        connection without a reply in that case.
-        """
-        size = end - start
-        if size < _PREFIX:
-            raise ProtocolError(f"ADD payload of {size} bytes is shorter than its 8-byte prefix")
-        timeout_ms, id_len = ADD_PREFIX.unpack_from(buf, start)
-        if timeout_ms > MAX_TIMEOUT_MS:
-            return ADD_TIMEOUT_RANGE
-        if id_len >= size - _PREFIX:
-            return ADD_CORRUPT
-        if id_len == 0 or id_len > MAX_ID_LEN:
-            return ADD_ID_RANGE
-        id_end = start + _PREFIX + id_len
-        return self._insert(
-            bytes(buf[start + _PREFIX : id_end]), buf[id_end:end], timeout_ms, now_ms
-        )
-
-    def _insert(
-        self,
-        sid: bytes,
-        data: bytes | bytearray | memoryview,
-        timeout_ms: int,
-        now_ms: int,
-    ) -> int:
+        timeout_ms, sid, data, refusal = request
+        if refusal is not None:
+            return refusal
         if now_ms > self._next_expiry:
             self.expire(now_ms)
         store = self._store
         if sid in store:
-            return ADD_MATCHING_SESSION
+            return _MATCHING_SESSION
         size = len(sid) + len(data)
         max_bytes = self._max_bytes
-        if max_bytes is not None and size > max_bytes:
-            return ADD_DATA_RANGE
-        if len(store) >= self._capacity:
-            self._evict(self._batch)
-        if max_bytes is not None:
+        if max_bytes is None:
+            if len(store) >= self._capacity:
+                self._evict(self._batch)
+        else:
+            if size > max_bytes:
+                return _DATA_RANGE
+            if len(store) >= self._capacity:
+                self._evict(self._batch)
             while self._bytes + size > max_bytes and store:
                 self._evict(1)
         expiry = now_ms + timeout_ms
         seq = self._seq
         self._seq = seq + 1
-        record = b"".join(
-            (expiry.to_bytes(8, "big"), seq.to_bytes(8, "big"), _ID_LEN[len(sid)], sid, data)
-        )
+        key = ((expiry << 64) | seq).to_bytes(_KEY, "big")
+        record = b"".join((key, _ID_LEN[len(sid)], sid, data))
         store[sid] = record
         heap = self._heap
         heapq.heappush(heap, record)
         if expiry < self._next_expiry:
             self._next_expiry = expiry
         self._bytes += size
-        if len(heap) > 2 * len(store) + 64:
-            self._rebuild_heap()
-        return OK
+        return _OK
 
     def get(self, session_id: bytes, now_ms: int) -> bytes | None:
         """The session data, or None on a miss. Never refreshes the entry."""
@@ -251,11 +203,15 @@ class SessionCache:
     def remove(self, session_id: bytes, now_ms: int) -> bool:
         if now_ms > self._next_expiry:
             self.expire(now_ms)
-        record = self._store.pop(session_id, None)
+        store = self._store
+        record = store.pop(session_id, None)
         if record is None:
             return False
-        # The heap entry stays behind (lazy deletion); _rebuild_heap bounds the waste.
         self._bytes -= len(record) - _ID
+        # The heap entry stays behind (lazy deletion), the only way an entry goes
+        # stale; rebuilding when they outnumber the live ones bounds the waste.
+        if len(self._heap) > 2 * len(store) + 64:
+            self._rebuild_heap()
         return True
 
     def clear(self) -> None:

@@ -1,0 +1,206 @@
+"""The farm's settings: one typed model for the orchestrator, the backends and the workload.
+
+A backend is its own process, so its settings travel as a command line. That command line is
+written (:func:`backend_argv`) and read (:func:`parse_backend_args`) here, next to each other,
+and the options a backend shares with ``tlscache-farm`` are declared once
+(:func:`add_backend_options`), so that the two programs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+from .certs import CertPaths
+
+HOST = "127.0.0.1"
+
+TlsVersion = Literal["1.2", "1.3"]
+CacheMode = Literal["distcache", "memory", "none"]
+WriteMode = Literal["sync", "async"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
+CACHE_MODES: tuple[CacheMode, ...] = ("distcache", "memory", "none")
+WRITE_MODES: tuple[WriteMode, ...] = ("sync", "async")
+
+
+class FarmError(Exception):
+    """The farm could not start (a port in use, a process that exited early, ...)."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How every backend of a farm uses its session cache."""
+
+    mode: CacheMode = "distcache"
+    session_timeout: int = 300
+    deadline_ms: float = 100.0
+    writes: WriteMode = "sync"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One backend: where it listens, its certificate, its cache."""
+
+    name: str
+    port: int
+    admin_port: int
+    cert: str
+    key: str
+    host: str = HOST
+    tls: TlsVersion = "1.3"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dc_address: str | None = None
+    max_connections: int = 128
+    idle_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """The clients of ``--report``: how many, how often they reconnect, how fast."""
+
+    clients: int = 60
+    reconnects: int = 5
+    concurrency: int = 8
+    pause_ms: float = 10.0
+    time_limit: float = 20.0
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    """The farm's shape; one field per ``tlscache-farm`` option."""
+
+    certs: CertPaths
+    backends: int = 3
+    tls: TlsVersion = "1.3"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    port: int = 8443
+    status_port: int | None = 8080
+    base_port: int = 9000
+    run_dir: Path | None = None
+    dc_retry_ms: int = 500
+    sessions: int = 20000
+
+    def backend(
+        self, index: int, port: int, admin_port: int, dc_address: str | None
+    ) -> BackendConfig:
+        """The settings of backend ``index`` (1-based) of this farm."""
+        return BackendConfig(
+            name=f"backend-{index}",
+            port=port,
+            admin_port=admin_port,
+            cert=str(self.certs.cert),
+            key=str(self.certs.key),
+            tls=self.tls,
+            cache=self.cache,
+            dc_address=dc_address,
+        )
+
+
+# -- the options a backend shares with tlscache-farm ---------------------------------------------
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """The options both programs take: ``--tls``, ``--cache``, ``--session-timeout``,
+    ``--cache-deadline-ms``, ``--cache-writes``."""
+    default = CacheConfig()
+    p.add_argument(
+        "--tls",
+        choices=TLS_VERSIONS,
+        default="1.3",
+        help="highest TLS version (default 1.3; 1.2 is the lowest)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default=default.mode,
+        help="distcache: shared through dc_server (default); memory: each backend its own "
+        "in-process cache (not shared); none: no session cache",
+    )
+    p.add_argument(
+        "--session-timeout",
+        type=int,
+        metavar="S",
+        default=default.session_timeout,
+        help=f"session lifetime, s ({default.session_timeout})",
+    )
+    p.add_argument(
+        "--cache-deadline-ms",
+        type=float,
+        metavar="MS",
+        default=default.deadline_ms,
+        help="each backend's bound on one cache lookup or write, ms (default 100: a laptop "
+        "running the whole farm is busier than a server; the library default is 20)",
+    )
+    p.add_argument(
+        "--cache-writes",
+        choices=WRITE_MODES,
+        default=default.writes,
+        help="sync (default): backends store a new session inside the handshake, before the "
+        "first response, so a client that reconnects right after it finds the session; async: "
+        "from a writer thread (a fast reconnect can then miss)",
+    )
+
+
+def cache_config(args: argparse.Namespace) -> CacheConfig:
+    """The cache settings of a command line parsed with :func:`add_backend_options`."""
+    return CacheConfig(
+        mode=cast(CacheMode, args.cache),
+        session_timeout=args.session_timeout,
+        deadline_ms=args.cache_deadline_ms,
+        writes=cast(WriteMode, args.cache_writes),
+    )
+
+
+# -- the backend's command line ------------------------------------------------------------------
+
+
+def backend_argv(cfg: BackendConfig) -> list[str]:
+    """The command line that starts the backend ``cfg`` describes, with this interpreter."""
+    c = cfg.cache
+    argv = [sys.executable, "-m", "tlscache_farm.backend", "--name", cfg.name]
+    argv += ["--host", cfg.host, "--port", str(cfg.port), "--admin-port", str(cfg.admin_port)]
+    argv += ["--cert", cfg.cert, "--key", cfg.key, "--tls", cfg.tls, "--cache", c.mode]
+    argv += ["--session-timeout", str(c.session_timeout)]
+    argv += ["--cache-deadline-ms", str(c.deadline_ms), "--cache-writes", c.writes]
+    argv += ["--max-connections", str(cfg.max_connections)]
+    argv += ["--idle-timeout", str(cfg.idle_timeout)]
+    if cfg.dc_address:
+        argv += ["--dc-address", cfg.dc_address]
+    return argv
+
+
+def parse_backend_args(argv: list[str] | None) -> BackendConfig:
+    """The other end of :func:`backend_argv`."""
+    default = BackendConfig("", 0, 0, "", "")
+    p = argparse.ArgumentParser(
+        prog="python -m tlscache_farm.backend", description="One HTTPS backend of the demo farm."
+    )
+    p.add_argument("--name", default="backend-1")
+    p.add_argument("--host", default=default.host)
+    p.add_argument("--port", type=int, required=True, help="TLS port")
+    p.add_argument("--admin-port", type=int, required=True, help="plain-HTTP status port")
+    p.add_argument("--cert", required=True, help="PEM certificate chain")
+    p.add_argument("--key", required=True, help="PEM private key")
+    p.add_argument("--dc-address", help="dc_client address, e.g. UNIX:/run/dcc.sock")
+    p.add_argument("--max-connections", type=int, default=default.max_connections)
+    p.add_argument(
+        "--idle-timeout", type=float, default=default.idle_timeout, help="keep-alive idle, s"
+    )
+    add_backend_options(p)
+    a = p.parse_args(argv)
+    return BackendConfig(
+        name=a.name,
+        port=a.port,
+        admin_port=a.admin_port,
+        cert=a.cert,
+        key=a.key,
+        host=a.host,
+        tls=cast(TlsVersion, a.tls),
+        cache=cache_config(a),
+        dc_address=a.dc_address,
+        max_connections=a.max_connections,
+        idle_timeout=a.idle_timeout,
+    )
