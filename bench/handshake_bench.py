@@ -11,6 +11,13 @@ live (``--writes`` picks synchronous, the default, or asynchronous session write
 * ``dc_client`` — SessionCache over DistcacheStore → dc_client → dc_server (the farm set-up);
 * ``dc_server`` — SessionCache over DistcacheStore → dc_server directly.
 
+The two distcache servers seal sessions with a key ring made for the run, as deployed;
+``memory`` stores them unsealed (an in-process store needs no sealing). Two more
+servers store unsealed through the same dc_client and dc_server
+(``--insecure-unsealed``), so that resumed handshakes sealed and unsealed are
+measured side by side, through the same store, pair by pair in every round: the
+``sealed ÷ unsealed`` table (target ≥ 0.95x).
+
 A pyOpenSSL client in this process makes sequential connections: ``full`` offers
 no session, ``resumed`` offers the session from the previous connection. Each
 connection is handshake + one line from the server + clean shutdown. Reported per
@@ -22,10 +29,11 @@ that machine noise hits them alike.
 Then: ``openssl s_time`` (C load, TLS 1.2, 1 and ``--s-time-clients`` parallel
 clients) against ``internal``, ``dc_client`` and ``dc_server``; handshakes over
 memory BIOs in this process (no sockets between client and server, so only the
-store hop remains: sync vs async writes); and the cost of one ``on_get`` hit.
+store hop remains: sync vs async writes, sealed vs unsealed); and the cost of one
+``on_get`` hit, sealed and unsealed.
 
 Bounded: every cell stops at ``--count`` connections or ``--cell-seconds``; the
-whole run takes about 1.5 minutes.
+whole run takes about 2 minutes.
 """
 
 from __future__ import annotations
@@ -49,12 +57,23 @@ from pathlib import Path
 from OpenSSL import SSL
 
 from tlscache_farm.procs import free_port, running, tool, wait_connectable, wait_proxy_connected
-from tlscache_farm.tlsclient import VERSIONS, client_context, handshake_over_memory, server_argv
+from tlscache_farm.tlsclient import (
+    VERSIONS,
+    client_context,
+    handshake_over_memory,
+    key_ring,
+    server_argv,
+)
 
 ROOT = Path(__file__).resolve().parent.parent  # the TLS server runs from the checkout
 
 MODES = ("internal", "memory", "dc_client", "dc_server")
 S_TIME_MODES = ("internal", "dc_client", "dc_server")
+#: The stores measured sealed (the servers of MODES) against unsealed (these servers).
+SEAL_STORES = ("dc_client", "dc_server")
+UNSEALED = ", unsealed"
+#: The session id context of the in-process caches (the TLS server uses its own).
+CONTEXT = b"tlscache-bench"
 
 
 @dataclass
@@ -93,12 +112,19 @@ def make_certs(d: Path) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def tls_server(
-    chain: Path, key: Path, store: str, threads: int, writes: str = "sync"
+    chain: Path,
+    key: Path,
+    store: str,
+    threads: int,
+    writes: str = "sync",
+    keys: Path | None = None,
 ) -> Iterator[Server]:
+    """A TLS server process; a distcache store is sealed with ``keys``, or unsealed without."""
     port = free_port()
-    argv = server_argv(
-        chain, key, port, store, "--threads", str(threads), "--no-stats", f"--{writes}-writes"
-    )
+    extra = ["--threads", str(threads), "--no-stats", f"--{writes}-writes"]
+    if keys is None and store.startswith("dc:"):
+        extra.append("--insecure-unsealed")
+    argv = server_argv(chain, key, port, store, *extra, keys=keys)
     env = {"PYTHONPATH": str(ROOT)}
     with running(argv, ready=f"IP:127.0.0.1:{port}", env=env, stderr=subprocess.DEVNULL) as proc:
         yield Server(port, proc.pid)
@@ -182,31 +208,44 @@ def s_time(server: Server, reuse: bool, seconds: float, clients: int) -> tuple[f
     return total / elapsed, cpu / max(1, total) * 1e6
 
 
-def lookup_cost(store_address: str | None, n: int = 2000) -> tuple[float, float]:
-    """(wall us, this thread's CPU us) per SessionCache.on_get hit, for one store."""
+def lookup_cost(store_address: str | None, keys: Path | None, n: int = 2000) -> tuple[float, float]:
+    """(wall us, this thread's CPU us) per SessionCache.on_get hit, for one store, sealed
+    with ``keys`` or unsealed (a MemoryStore sealed against unsealed: what opening costs)."""
     from tlscache import DistcacheStore, MemoryStore, SessionCache, SessionStore
 
     store: SessionStore = MemoryStore() if store_address is None else DistcacheStore(store_address)
     with store:
-        cache = SessionCache(store, deadline_ms=1000, async_writes=False)
+        cache = SessionCache(
+            store,
+            deadline_ms=1000,
+            async_writes=False,
+            keys=keys,
+            insecure_unsealed_storage=keys is None,
+        )
         sid, der = b"\x5a" * 32, b"\x30\x81\x83" + bytes(131)
-        cache.on_new(sid, der, 300)
+        cache.on_new(CONTEXT, sid, der, 300)
         for _ in range(100):
-            cache.on_get(sid)  # warm the connection pool
+            cache.on_get(CONTEXT, sid)  # warm the connection pool
         w0, c0 = time.perf_counter(), time.thread_time()
         for _ in range(n):
-            assert cache.on_get(sid) == der
+            assert cache.on_get(CONTEXT, sid) == der
         w1, c1 = time.perf_counter(), time.thread_time()
     return (w1 - w0) / n * 1e6, (c1 - c0) / n * 1e6
 
 
 def in_process(
-    chain: Path, key: Path, proxy: str, rounds: int, n: int
+    chain: Path, key: Path, proxy: str, keys: Path, rounds: int, n: int
 ) -> dict[tuple[str, str, str], float]:
-    """CPU us per handshake (client + server) by session storage, memory BIOs."""
+    """CPU us per handshake (client + server) by session storage, memory BIOs.
+
+    The dc_client caches seal with ``keys``, as deployed; "memory, sync writes, sealed"
+    against "memory, sync writes" is the CPU the sealing itself costs.
+    """
     from tlscache import DistcacheStore, MemoryStore, SessionCache, SessionStore
 
-    def server(store: SessionStore | None, async_writes: bool = True) -> SSL.Context:
+    def server(
+        store: SessionStore | None, async_writes: bool = True, sealed: bool = False
+    ) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.use_certificate_chain_file(str(chain))
         ctx.use_privatekey_file(str(key))
@@ -214,15 +253,23 @@ def in_process(
             ctx.set_session_id(b"bench")
             ctx.set_options(SSL.OP_NO_TICKET)
         else:
-            SessionCache(store, deadline_ms=200, async_writes=async_writes).install(ctx)
+            cache = SessionCache(
+                store,
+                deadline_ms=200,
+                async_writes=async_writes,
+                session_id_context=CONTEXT,
+                keys=keys if sealed else None,
+            )
+            cache.install(ctx)
         return ctx
 
     ctxs = {
         "internal": server(None),
         "memory, sync writes": server(MemoryStore(), False),
+        "memory, sync writes, sealed": server(MemoryStore(), False, sealed=True),
         "memory, async writes": server(MemoryStore(), True),
-        "dc_client, sync writes": server(DistcacheStore(proxy), False),
-        "dc_client, async writes": server(DistcacheStore(proxy), True),
+        "dc_client, sync writes": server(DistcacheStore(proxy), False, sealed=True),
+        "dc_client, async writes": server(DistcacheStore(proxy), True, sealed=True),
     }
     out: dict[tuple[str, str, str], list[float]] = {}
     for version in VERSIONS:
@@ -251,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=50, help="connections per cell per round")
     p.add_argument("--rounds", type=int, default=7, help="rounds; modes interleave in each")
+    p.add_argument(
+        "--seal-rounds", type=int, default=25, help="sealed/unsealed pairs per (TLS, store)"
+    )
+    p.add_argument(
+        "--seal-count",
+        type=int,
+        default=100,
+        help="connections per cell of a sealed/unsealed pair (a pair's ratio needs longer "
+        "cells than the main table to rise above the machine's noise)",
+    )
     p.add_argument("--cell-seconds", type=float, default=2.0, help="time cap per cell")
     p.add_argument("--s-time", type=int, default=1, help="seconds per s_time run; 0 to skip")
     p.add_argument("--s-time-reps", type=int, default=2, help="s_time repetitions (median)")
@@ -267,11 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (
         1 <= args.count <= 5000
         and 1 <= args.rounds <= 25
+        and 1 <= args.seal_rounds <= 25
+        and 1 <= args.seal_count <= 5000
         and 0 <= args.s_time <= 10
         and 1 <= args.s_time_reps <= 5
         and 1 <= args.s_time_clients <= 8
     ):
-        p.error("--count 1..5000, --rounds 1..25, --s-time 0..10, reps 1..5, clients 1..8")
+        p.error(
+            "--count and --seal-count 1..5000, --rounds and --seal-rounds 1..25, "
+            "--s-time 0..10, reps 1..5, "
+            "clients 1..8"
+        )
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tlscache-bench-") as tmp:
@@ -285,15 +348,21 @@ def main(argv: list[str] | None = None) -> int:
             "dc_client": f"dc:{proxy}",
             "dc_server": f"dc:{dc}",
         }
+        keys = key_ring(d / "keys.json")  # the run's key ring, shared by its servers
         with contextlib.ExitStack() as stack:
             stack.enter_context(running(tool("dc_server", "-listen", dc), ready=dc))
             argv_proxy = tool("dc_client", "-listen", proxy, "-server", dc, "-retry", "100")
             stack.enter_context(running(argv_proxy, ready=proxy, stderr=subprocess.DEVNULL))
             wait_proxy_connected(proxy)
-            servers = {
-                m: stack.enter_context(tls_server(chain, key, stores[m], args.threads, args.writes))
-                for m in MODES
-            }
+            servers = {}
+            for m in MODES:
+                sealed_by = keys if m in SEAL_STORES else None
+                server = tls_server(chain, key, stores[m], args.threads, args.writes, sealed_by)
+                servers[m] = stack.enter_context(server)
+            for m in SEAL_STORES:  # the same stores, unsealed
+                servers[m + UNSEALED] = stack.enter_context(
+                    tls_server(chain, key, stores[m], args.threads, args.writes, None)
+                )
             for srv in servers.values():
                 wait_connectable(f"IP:127.0.0.1:{srv.port}")
 
@@ -313,12 +382,17 @@ def main(argv: list[str] | None = None) -> int:
                             cell.reused += got.reused
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-            inproc = in_process(chain, key, proxy, rounds=3, n=150)
+            sealing = seal_pairs(servers, args)
+            print("sealed vs unsealed done", file=sys.stderr, flush=True)
+            inproc = in_process(chain, key, proxy, keys, rounds=3, n=150)
             print("in-process done", file=sys.stderr, flush=True)
             lookups = {
-                "memory": lookup_cost(None),
-                "dc_client": lookup_cost(proxy),
-                "dc_server": lookup_cost(dc),
+                "memory": lookup_cost(None, None),
+                "memory, sealed": lookup_cost(None, keys),
+                "dc_client": lookup_cost(proxy, keys),
+                "dc_client" + UNSEALED: lookup_cost(proxy, None),
+                "dc_server": lookup_cost(dc, keys),
+                "dc_server" + UNSEALED: lookup_cost(dc, None),
             }
 
             s_runs: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
@@ -340,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             }
 
     lines = report(cells, s_times, args)
+    lines += seal_report(sealing, args)
     names = list(dict.fromkeys(name for _, _, name in inproc))
     lines += ["", "In-process handshakes over memory BIOs (client + server CPU us per handshake):"]
     lines += ["", "| TLS | handshake | " + " | ".join(names) + " |"]
@@ -357,6 +432,65 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown is not None:
         args.markdown.write_text(text + "\n")
     return 0
+
+
+@dataclass
+class SealPair:
+    """Resumed handshakes through one store, sealed and unsealed, measured pair by pair."""
+
+    sealed: Cell = field(default_factory=Cell)
+    unsealed: Cell = field(default_factory=Cell)
+    ratios: list[float] = field(default_factory=list)  # sealed / unsealed rate, per pair
+
+
+def seal_pairs(
+    servers: dict[str, Server], args: argparse.Namespace
+) -> dict[tuple[str, str], SealPair]:
+    """Resumed handshakes/s, sealed vs unsealed through the same store, per (TLS, store).
+
+    Each round measures both servers of a store back to back (which goes first alternates), so
+    the ratio of a pair sees the same machine load; the table gives the median of the ratios.
+    """
+    pairs: dict[tuple[str, str], SealPair] = {}
+    for r in range(args.seal_rounds):
+        for version in VERSIONS:
+            for store in SEAL_STORES:
+                pair = pairs.setdefault((version, store), SealPair())
+                order = [(store, pair.sealed), (store + UNSEALED, pair.unsealed)]
+                if r % 2:
+                    order.reverse()
+                rates = {}
+                for name, cell in order:
+                    port = servers[name].port
+                    got = run_cell(port, version, True, args.seal_count, args.cell_seconds)
+                    cell.rates += got.rates
+                    cell.cpu_us += got.cpu_us
+                    cell.reused += got.reused
+                    rates[name] = got.rates[0]
+                pair.ratios.append(rates[store] / rates[store + UNSEALED])
+    return pairs
+
+
+def seal_report(pairs: dict[tuple[str, str], SealPair], args: argparse.Namespace) -> list[str]:
+    out = [
+        "",
+        f"Resumed handshakes, sealed (key ring) vs unsealed, same store, {args.seal_count} "
+        f"connections x {args.seal_rounds} pairs per cell (median; sealed / unsealed: median "
+        "of the per-pair ratios; target >= 0.95x):",
+        "",
+        "| TLS | store | sealed hs/s | unsealed hs/s | sealed / unsealed | sealed CPU us/hs "
+        "| unsealed CPU us/hs | resumed (sealed / unsealed) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (version, store), p in pairs.items():
+        sealed, unsealed = p.sealed, p.unsealed
+        out.append(
+            f"| {version} | {store} | {sealed.median(sealed.rates):,.0f} "
+            f"| {unsealed.median(unsealed.rates):,.0f} | {statistics.median(p.ratios):.2f}x "
+            f"| {sealed.median(sealed.cpu_us):,.0f} | {unsealed.median(unsealed.cpu_us):,.0f} "
+            f"| {sealed.median(sealed.reused):.0%} / {unsealed.median(unsealed.reused):.0%} |"
+        )
+    return out
 
 
 def report(

@@ -78,11 +78,17 @@ def _session_id(conn: SSL.Connection) -> str | None:
 
 
 class SessionCacheSetup:
-    """The tlscache SessionCache of this backend (or none, for ``--cache none``)."""
+    """The tlscache SessionCache of this backend (or none, for ``--cache none``).
 
-    def __init__(self, config: CacheConfig, dc_address: str | None) -> None:
+    Sessions are sealed with the key ring ``keys`` before they reach the store: dc_server is
+    shared by every host, so what it holds must be useless to anyone who can read or write it.
+    The cache re-reads the ring when it changes, so a rotation needs no restart.
+    """
+
+    def __init__(self, config: CacheConfig, dc_address: str | None, keys: str | None) -> None:
         self.config = config
         self.dc_address = dc_address
+        self.keys = keys
         self.cache: SessionCache | None = None
 
     def install(self, ctx: SSL.Context) -> None:
@@ -95,6 +101,10 @@ class SessionCacheSetup:
         if self.config.mode == "distcache":
             if not self.dc_address:
                 raise SystemExit("--cache distcache needs --dc-address")
+            if not self.keys:
+                raise SystemExit(
+                    "--cache distcache needs --keys PATH (create one: tlscache-keys generate PATH)"
+                )
             store: tlscache.SessionStore = tlscache.DistcacheStore(self.dc_address)
         else:
             store = tlscache.MemoryStore()
@@ -104,6 +114,7 @@ class SessionCacheSetup:
             deadline_ms=self.config.deadline_ms,
             session_id_context=SESSION_ID_CONTEXT,
             async_writes=self.config.writes == "async",
+            keys=self.keys,
         )
         self.cache.install(ctx)
 
@@ -153,7 +164,7 @@ class Backend:
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.cache = SessionCacheSetup(config.cache, config.dc_address)
+        self.cache = SessionCacheSetup(config.cache, config.dc_address, config.keys)
         self.ctx = self._make_context()
         self.started = time.time()
         self.stop_event = threading.Event()
@@ -331,6 +342,7 @@ class Backend:
             tls=cfg.tls,
             cache_mode=cfg.cache.mode,
             dc_address=cfg.dc_address,
+            keys=cfg.keys,
             uptime_s=round(time.time() - self.started, 1),
             connections=counters[0],
             active=counters[1],

@@ -53,6 +53,7 @@ class BackendConfig:
     tls: TlsVersion = "1.3"
     cache: CacheConfig = field(default_factory=CacheConfig)
     dc_address: str | None = None
+    keys: str | None = None  # key ring file that seals sessions (needed with distcache)
     max_connections: int = 128
     idle_timeout: float = 5.0
 
@@ -84,9 +85,15 @@ class FarmConfig:
     sessions: int = 20000
 
     def backend(
-        self, index: int, port: int, admin_port: int, dc_address: str | None
+        self,
+        index: int,
+        port: int,
+        admin_port: int,
+        dc_address: str | None,
+        keys: str | None = None,
     ) -> BackendConfig:
-        """The settings of backend ``index`` (1-based) of this farm."""
+        """The settings of backend ``index`` (1-based) of this farm; ``keys``: the run's key
+        ring."""
         return BackendConfig(
             name=f"backend-{index}",
             port=port,
@@ -96,6 +103,7 @@ class FarmConfig:
             tls=self.tls,
             cache=self.cache,
             dc_address=dc_address,
+            keys=keys,
         )
 
 
@@ -169,6 +177,8 @@ def backend_argv(cfg: BackendConfig) -> list[str]:
     argv += ["--idle-timeout", str(cfg.idle_timeout)]
     if cfg.dc_address:
         argv += ["--dc-address", cfg.dc_address]
+    if cfg.keys:
+        argv += ["--keys", cfg.keys]
     return argv
 
 
@@ -185,6 +195,12 @@ def parse_backend_args(argv: list[str] | None) -> BackendConfig:
     p.add_argument("--cert", required=True, help="PEM certificate chain")
     p.add_argument("--key", required=True, help="PEM private key")
     p.add_argument("--dc-address", help="dc_client address, e.g. UNIX:/run/dcc.sock")
+    p.add_argument(
+        "--keys",
+        metavar="PATH",
+        help="key ring that seals sessions in the store (tlscache-keys generate PATH); "
+        "required with --cache distcache, re-read when it changes",
+    )
     p.add_argument("--max-connections", type=int, default=default.max_connections)
     p.add_argument(
         "--idle-timeout", type=float, default=default.idle_timeout, help="keep-alive idle, s"
@@ -201,6 +217,7 @@ def parse_backend_args(argv: list[str] | None) -> BackendConfig:
         tls=cast(TlsVersion, a.tls),
         cache=cache_config(a),
         dc_address=a.dc_address,
+        keys=a.keys,
         max_connections=a.max_connections,
         idle_timeout=a.idle_timeout,
     )

@@ -5,6 +5,11 @@ this module does the I/O around it. A connection is anything with the two method
 :class:`Stream`, so the backends' TLS connections and the plain-HTTP status and control pages
 share the same request loop (:func:`serve_connection`), accept loop (:func:`accept_loop`) and
 response helpers.
+
+Every plain-HTTP port (:class:`HttpServer`) answers only requests addressed to itself by its
+loopback names (``127.0.0.1:PORT``, ``localhost:PORT``, ``[::1]:PORT``): a web page that
+re-points its own host name at 127.0.0.1 (DNS rebinding) sends its own name in ``Host`` and is
+refused with 421, so it can neither read a status page nor drive the control page.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ class Request:
     target: str
     body: bytes
     number: int  # 1 for the first request on its connection
+    headers: tuple[tuple[str, str], ...] = ()  # names in lower case, in the order received
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of header ``name`` (any case)."""
+        wanted = name.lower()
+        return [value for key, value in self.headers if key == wanted]
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name``; None if it is absent or repeated (ambiguous)."""
+        values = self.header_values(name)
+        return values[0] if len(values) == 1 else None
 
     @property
     def path(self) -> str:
@@ -108,7 +124,9 @@ def _read_request(
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
             method, target = head.method.decode("latin-1"), head.target.decode("latin-1")
-            return Request(method, target, bytes(body), number)
+            # h11 gives header names in lower case already.
+            fields = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
+            return Request(method, target, bytes(body), number, fields)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
 
@@ -240,13 +258,40 @@ def accept_loop(
         threading.Thread(target=run, args=(sock, peer), daemon=True).start()
 
 
+def loopback_hosts(port: int) -> frozenset[str]:
+    """The ``Host`` values by which a loopback server on ``port`` is addressed (lower case)."""
+    names = ("127.0.0.1", "localhost", "[::1]")
+    hosts = {f"{name}:{port}" for name in names}
+    if port == 80:  # browsers leave the default port out
+        hosts.update(names)
+    return frozenset(hosts)
+
+
+def host_guard(handler: Handler, allowed: frozenset[str]) -> Handler:
+    """``handler`` behind a check of the ``Host`` header: a request addressed to any other name,
+    or without exactly one ``Host``, is refused with 421 before ``handler`` sees it."""
+    expected = ", ".join(sorted(allowed))
+
+    def guarded(request: Request) -> Response:
+        host = request.header("host")
+        if host is None or host.strip().lower() not in allowed:
+            return text(421, f"this server answers only to Host: {expected}\n")
+        return handler(request)
+
+    return guarded
+
+
 class HttpServer:
-    """Plain HTTP on one TCP port, served from a background thread, one thread a connection."""
+    """Plain HTTP on one TCP port, served from a background thread, one thread a connection.
+
+    Only requests whose ``Host`` is one of this port's loopback names are passed to ``handler``
+    (see the module doc).
+    """
 
     def __init__(self, host: str, port: int, handler: Handler, max_connections: int = 32) -> None:
-        self.handler = handler
         self.listener = socket.create_server((host, port))  # OSError: the port is taken
         self.port = int(self.listener.getsockname()[1])
+        self.handler = host_guard(handler, loopback_hosts(self.port))
         self._stop = threading.Event()
         slots = threading.BoundedSemaphore(max_connections)
         args = (self.listener, self._stop, slots, self._serve)

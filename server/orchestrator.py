@@ -15,16 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from tlscache.exceptions import ClientError
+from tlscache.exceptions import ClientError, KeyRingError
+from tlscache.keyring import KeyRing
 
 from .config import HOST, FarmConfig, FarmError, backend_argv
-from .control import start_control_page
+from .control import TOKEN_FILE, TOKEN_HEADER, start_control_page
 from .ports import PortPlan, plan_ports
 from .procs import exit_text, tool, wait_proxy_connected
 from .records import BackendEntry, BackendStatus, BalancerStatus, FarmStatus, decode
 from .supervisor import START_TIMEOUT, Proc, Supervisor, make_run_dir
 
 R = TypeVar("R")
+
+#: The run's key ring, in the run directory: every backend seals its sessions with it.
+KEY_RING_FILE = "keyring.json"
 
 
 def _poll(cls: type[R], url: str) -> R | None:
@@ -46,6 +50,7 @@ class Farm:
         self.run_dir = Path()
         self._own_run_dir = False
         self.dc_server_address = ""
+        self.keys: Path | None = None
 
     def __enter__(self) -> Farm:
         self.start()
@@ -59,14 +64,35 @@ class Farm:
         return self.supervisor.procs
 
     def plan(self) -> None:
-        """Ports (checked before any directory is made), the run directory, the processes."""
+        """Ports (checked before any directory is made), the run directory, the key ring, the
+        processes."""
         self.ports = plan_ports(self.config)
         self.run_dir, self._own_run_dir = make_run_dir(self.config.run_dir)
+        try:
+            self.keys = self._make_key_ring()
+        except BaseException:
+            self._remove_run_dir()
+            raise
         procs = self._cache_server()
         for i in range(1, self.config.backends + 1):
             procs += self._host(i)
         procs.append(self._balancer())
         self.supervisor.procs = procs
+
+    def _make_key_ring(self) -> Path | None:
+        """A fresh ring for this run (mode 0600), when the backends have a session cache.
+
+        Fresh each run: the ring never outlives the sessions it sealed, and nothing from an
+        earlier farm in the same ``--run-dir`` opens under it.
+        """
+        if self.config.cache.mode == "none":
+            return None
+        path = self.run_dir / KEY_RING_FILE
+        try:
+            KeyRing.generate().save(path)
+        except (OSError, KeyRingError) as exc:
+            raise FarmError(f"cannot write the key ring {path}: {exc}") from None
+        return path
 
     def _proc(self, name: str, argv: list[str], address: str, ready: str | None = None) -> Proc:
         return Proc(name, argv, address, ready or address, self.run_dir / f"{name}.log")
@@ -89,7 +115,8 @@ class Farm:
             argv += ["-retry", str(self.config.dc_retry_ms)]
             procs.append(self._proc(f"dc_client-{i}", argv, dcc))
         ports = self.ports.backends[i - 1]
-        backend = self.config.backend(i, ports.tls, ports.admin, dcc)
+        keys = str(self.keys) if self.keys else None
+        backend = self.config.backend(i, ports.tls, ports.admin, dcc, keys)
         url = f"https://{HOST}:{ports.tls}/"
         # Probing the TLS port would count as a failed handshake: poll the status port.
         procs.append(
@@ -140,6 +167,11 @@ class Farm:
         self.supervisor.stop()
         self._remove_run_dir()
 
+    @property
+    def token_file(self) -> Path:
+        """Where the control page keeps its token (see :mod:`.control`)."""
+        return self.run_dir / TOKEN_FILE
+
     def _remove_run_dir(self) -> None:
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -168,6 +200,8 @@ class Farm:
                 for i, (p, status) in enumerate(zip(self.ports.backends, backends, strict=True), 1)
             ],
             processes=[p.info() for p in self.procs],
+            keys=str(self.keys) if self.keys else None,
+            balancer_status=f"http://{HOST}:{self.ports.balancer_admin}/status.json",
         )
 
     def describe(self, out: TextIO, status_port: int | None = None) -> None:
@@ -187,13 +221,19 @@ class Farm:
             extra = f" (status http://{HOST}:{admin[p.name]}/status)" if p.name in admin else ""
             out.write(f"  {p.name:<12} {p.address}{extra}\n")
         out.write(f"  {'logs':<12} {self.run_dir}\n")
+        if self.keys is not None:
+            out.write(f"  {'key ring':<12} {self.keys} (new sealing key: tlscache-keys rotate)\n")
+        if status_port is not None:
+            token = f'-H "{TOKEN_HEADER}: $(cat {self.token_file})"'
+            url = f"http://{HOST}:{status_port}/process/NAME/stop"
+            out.write(f"  {'control':<12} curl -X POST {token} {url}\n")
         ca = f"--cacert {cfg.certs.ca}" if cfg.certs.ca else "-k"
         url = f"https://localhost:{cfg.port}/info"
         out.write(f"try: curl {ca} -H 'Connection: close' {url} {url} {url}\n")
         out.flush()
 
 
-def _say_exited(proc: Proc, status_port: int | None) -> None:
+def _say_exited(farm: Farm, proc: Proc, status_port: int | None) -> None:
     """A child died on its own (or by someone else's hand): what it means and how to undo it."""
     assert proc.popen is not None and proc.popen.returncode is not None
     lines = [f"tlscache-farm: {proc.name} {exit_text(proc.popen.returncode)}; log: {proc.log}"]
@@ -204,7 +244,8 @@ def _say_exited(proc: Proc, status_port: int | None) -> None:
         lines.append(f"  {backend} makes full handshakes until it is back")
     if status_port is not None:
         url = f"http://{HOST}:{status_port}/process/{proc.name}/start"
-        lines.append(f"  start it again: curl -X POST {url}")
+        token = f'-H "{TOKEN_HEADER}: $(cat {farm.token_file})"'
+        lines.append(f"  start it again: curl -X POST {token} {url}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -221,7 +262,7 @@ def serve(config: FarmConfig) -> int:
         while True:
             farm.supervisor.run_main_calls(wait=0.5)
             for proc in farm.supervisor.newly_exited():
-                _say_exited(proc, config.status_port)
+                _say_exited(farm, proc, config.status_port)
     except KeyboardInterrupt:
         print("\nstopping the farm...", file=sys.stderr, flush=True)
         return 0

@@ -116,6 +116,7 @@ class BackendStatus:
     handshake_ms: HandshakeLatency
     cache: CacheStats | None
     cache_error: str | None = None
+    keys: str | None = None  # the key ring that seals its sessions
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,8 @@ class FarmStatus:
     balancer: BalancerStatus | None
     backends: list[BackendEntry]
     processes: list[ProcessInfo]
+    keys: str | None = None  # the run's key ring, handed to every backend
+    balancer_status: str | None = None  # the balancer's plain-HTTP status URL
 
     def caches(self) -> list[CacheStats]:
         """The cache statistics of every backend that answered and has a cache."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import html
+from collections.abc import Callable
 
 from tlscache import CacheStats
 
@@ -56,12 +57,14 @@ def _state(state: str) -> str:
     return _e(state) if state == "running" else f'<b class="dead">{_e(state)}</b>'
 
 
-def _control(name: str, state: str) -> str:
-    """A button that POSTs /process/NAME/stop (a SIGKILL) or /process/NAME/start."""
+def _control(name: str, state: str, token: str) -> str:
+    """A button that POSTs /process/NAME/stop (a SIGKILL) or /process/NAME/start, with the
+    run's token (the control page refuses a POST without it)."""
     action = "stop" if state == "running" else "start"
     title = "SIGKILL, like a crash" if action == "stop" else "start again on the same address"
     return (
         f'<form method="post" action="/process/{html.escape(name)}/{action}?then=page">'
+        f'<input type="hidden" name="token" value="{html.escape(token)}">'
         f'<button title="{title}">{action}</button></form>'
     )
 
@@ -133,9 +136,10 @@ def render_backend(s: BackendStatus) -> str:
     recent = _table(
         ["time", "handshake", "session id", "TLS", "ms"], _recent_rows(s.recent, with_backend=False)
     )
+    keys = f" Key ring <code>{_e(s.keys)}</code>." if s.keys else ""
     body = (
         f"<p>pid {_e(s.pid)}, TLS &le; {_e(s.tls)}, cache <b>{_e(s.cache_mode)}</b> "
-        f"({_e(s.dc_address)}), up {_e(s.uptime_s)} s.</p>"
+        f"({_e(s.dc_address)}), up {_e(s.uptime_s)} s.{keys}</p>"
         f"{summary}{latency}<h2>Session cache</h2>{_cache_html(s)}"
         f"<h2>Recent handshakes</h2>{recent}"
     )
@@ -157,12 +161,41 @@ def _backend_row(s: BackendStatus, balancer: BalancerBackend | None) -> list[str
     ]
 
 
-def render_farm(data: FarmStatus) -> str:
-    """The farm's page: who resumed where, hit/miss and cache latency for every backend."""
+#: The counters of sealed values a backend's cache refused, with their column titles: a
+#: refusal is a full handshake, and a rising count says why (a retired key, a forged value...).
+SEAL_COUNTERS: tuple[tuple[str, Callable[[CacheStats], int]], ...] = (
+    ("refused", lambda c: c.sealed_refused),
+    ("malformed", lambda c: c.sealed_malformed),
+    ("unknown key", lambda c: c.sealed_unknown_key),
+    ("retired key", lambda c: c.sealed_retired_key),
+    ("tampered", lambda c: c.sealed_tampered),
+    ("expired", lambda c: c.sealed_expired),
+)
+
+
+def _seal_table(data: FarmStatus) -> str:
+    """Per backend, the sealed values its cache refused, by reason."""
+    rows = []
+    for b in data.backends:
+        cache = b.status.cache if b.status else None
+        cells = [_e(counter(cache)) if cache else "-" for _, counter in SEAL_COUNTERS]
+        rows.append([_e(b.name), *cells])
+    return _table(["backend", *(title for title, _ in SEAL_COUNTERS)], rows)
+
+
+def render_farm(data: FarmStatus, token: str) -> str:
+    """The farm's page: who resumed where, hit/miss and cache latency for every backend; its
+    buttons carry ``token``."""
     procs = _table(
         ["process", "pid", "state", "address", ""],
         [
-            [_e(p.name), _e(p.pid), _state(p.state), _e(p.address), _control(p.name, p.state)]
+            [
+                _e(p.name),
+                _e(p.pid),
+                _state(p.state),
+                _e(p.address),
+                _control(p.name, p.state, token),
+            ]
             for p in data.processes
         ],
     )
@@ -195,10 +228,17 @@ def render_farm(data: FarmStatus) -> str:
         ["time", "backend", "handshake", "session id", "TLS", "server ms"],
         _recent_rows(recent[-60:], with_backend=True),
     )
+    keys = (
+        f"<h2>Sealed sessions refused</h2><p>Sessions are sealed with the key ring "
+        f"<code>{_e(data.keys)}</code>; a stored value that does not open is a miss, "
+        f"counted here by reason.</p>{_seal_table(data)}"
+        if data.keys
+        else ""
+    )
     body = (
         f"<p>Balancer <code>{_e(data.balancer_url)}</code>, TLS &le; {_e(data.tls)}, "
         f"cache <b>{_e(data.cache)}</b>. JSON: <a href='/status.json'>/status.json</a>.</p>"
-        f"<h2>Backends</h2>{backends}<h2>Processes</h2>{procs}"
+        f"<h2>Backends</h2>{backends}{keys}<h2>Processes</h2>{procs}"
         "<h2>Who resumed where</h2><p>TLS 1.2: one session id, full on one backend and then "
         "resumed on others, is a session shared across the farm. TLS 1.3: every ticket has its "
         "own id, and a resumed handshake shows the id of the ticket it used.</p>"

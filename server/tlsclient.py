@@ -75,10 +75,30 @@ def handshake_over_memory(
     return reused, sess
 
 
-def server_argv(cert: Path, key: Path, port: int, store: str, *extra: str) -> list[str]:
-    """The command line that runs the TLS server with this interpreter (``extra``: more options)."""
+def key_ring(path: Path) -> Path:
+    """The key ring at ``path``, made (mode 0600) if there is none yet.
+
+    Tests and benchmarks give every server of one run the same file, so that a session one
+    sealed opens on the others.
+    """
+    from tlscache.keyring import KeyRing
+
+    if not path.exists():
+        KeyRing.generate().save(path)
+    return path
+
+
+def server_argv(
+    cert: Path, key: Path, port: int, store: str, *extra: str, keys: Path | None = None
+) -> list[str]:
+    """The command line that runs the TLS server with this interpreter (``extra``: more options).
+
+    ``keys``: the run's key ring (made by :func:`key_ring` if missing), passed as ``--keys``.
+    """
+    sealing = ("--keys", str(key_ring(keys))) if keys is not None else ()
     return [
         *(sys.executable, "-m", TLS_SERVER_MODULE),
         *("--cert", str(cert), "--key", str(key), "--port", str(port), "--store", store),
+        *sealing,
         *extra,
     ]

@@ -6,12 +6,24 @@
 SessionCache over a MemoryStore), ``internal`` (OpenSSL's own cache, no
 SessionCache) or ``none`` (no resumption at all).
 
+A SessionCache seals what it stores with the key ring ``--keys PATH``; servers that
+share a store must share the ring. ``--insecure-unsealed`` stores sessions as they
+are instead, for measuring what sealing costs; a distcache store needs one or the other.
+
 One connection at a time per thread (``--threads``): handshake, then one line to the client::
 
     reused=1 version=TLSv1.3 new=<hex id>,<hex id> hits=.. misses=.. skipped=.. cpu=<s>
 
-(``new`` lists the ids given to the new-session callback during this handshake,
-so a test can wait until the store holds them), then a clean TLS shutdown.
+(``new`` lists the keys under which the store receives this handshake's sessions:
+their ids, or with ``--keys`` the keyed hashes the store sees instead, so a test can
+wait until the store holds them; ``peer`` and ``verify`` are the
+client certificate's common name and OpenSSL's verify result; ``seal_<kind>``
+count the stored values the cache refused, by kind), then a clean TLS shutdown.
+``--log FILE`` appends that line for every connection, failed handshakes included
+(``handshake=failed:...``), with how the connection ended (``end=...``).
+``--request``: the client speaks first (one line), as in HTTP.
+``--client-ca FILE`` asks clients for a certificate from that CA
+(``--require-client-cert``: refuses those without one).
 """
 
 from __future__ import annotations
@@ -25,13 +37,21 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import TextIO
 
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
-from tlscache import DistcacheStore, MemoryStore, SessionCache, SessionStore
+from tlscache import CacheStats, DistcacheStore, MemoryStore, SessionCache, SessionStore
 
 from .tlsclient import VERSIONS
+
+#: The session id context of every server started without ``--session-id-context``.
+SESSION_ID_CONTEXT = b"tlscache-test"
+
+#: The kinds of sealed values a cache refuses, as the per-connection line names them.
+SEAL_FAILURES = ("malformed", "unknown_key", "retired_key", "tampered", "expired")
 
 
 class RecordingCache(SessionCache):
@@ -49,9 +69,12 @@ class RecordingCache(SessionCache):
             ids = self._local.ids = []
         return ids
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
-        self.new_ids.append(bytes(session_id))
-        super().on_new(session_id, der, timeout_s)
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        # What the store receives: with a key ring, the keyed hash of the id, not the id.
+        sealer = self.sealer
+        key = sealer.lookup_key(bytes(context), session_id) if sealer else session_id
+        self.new_ids.append(bytes(key))
+        super().on_new(context, session_id, der, timeout_s)
 
 
 def make_context(args: argparse.Namespace) -> tuple[SSL.Context, RecordingCache | None]:
@@ -59,6 +82,12 @@ def make_context(args: argparse.Namespace) -> tuple[SSL.Context, RecordingCache 
     ctx.use_certificate_chain_file(args.cert)
     ctx.use_privatekey_file(args.key)
     ctx.set_options(SSL.OP_IGNORE_UNEXPECTED_EOF)
+    if args.client_ca:
+        # Before the cache is installed: the default session id context depends on these.
+        ctx.load_verify_locations(args.client_ca)
+        ctx.load_client_ca(args.client_ca.encode())
+        required = SSL.VERIFY_FAIL_IF_NO_PEER_CERT if args.require_client_cert else 0
+        ctx.set_verify(SSL.VERIFY_PEER | required)
     if args.tls != "any":
         ctx.set_min_proto_version(VERSIONS[args.tls])
         ctx.set_max_proto_version(VERSIONS[args.tls])
@@ -75,6 +104,8 @@ def make_context(args: argparse.Namespace) -> tuple[SSL.Context, RecordingCache 
         if args.store == "memory":
             store = MemoryStore()
         elif args.store.startswith("dc:"):
+            if not args.keys and not args.insecure_unsealed:
+                raise SystemExit("--store dc:ADDRESS needs --keys PATH (or --insecure-unsealed)")
             store = DistcacheStore(args.store[3:])
         else:
             raise SystemExit(f"unknown --store {args.store!r}")
@@ -84,14 +115,42 @@ def make_context(args: argparse.Namespace) -> tuple[SSL.Context, RecordingCache 
             deadline_ms=args.deadline_ms,
             breaker_reset_s=args.breaker_reset_s,
             async_writes=args.writes == "async",  # default: SessionCache's (synchronous)
-            session_id_context=b"tlscache-test",
+            session_id_context=(
+                None
+                if args.session_id_context == "default"
+                else bytes.fromhex(args.session_id_context)
+            ),
+            keys=args.keys,
+            insecure_unsealed_storage=args.insecure_unsealed,
         )
         cache.install(ctx)
     return ctx, cache
 
 
+def peer_fields(conn: SSL.Connection) -> dict[str, str]:
+    """The client's certificate (its common name, ``-`` without one) and OpenSSL's verdict."""
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert else []
+    peer = str(names[0].value).replace(" ", "_") if names else "-"
+    return {"peer": peer, "verify": str(int(_lib.SSL_get_verify_result(conn._ssl)))}
+
+
+def seal_fields(stats: CacheStats) -> dict[str, str]:
+    """The cache's counts of refused sealed values, one ``seal_<kind>`` per kind, and of
+    sessions deleted after a fatal alert."""
+    counts = stats.as_dict()
+    fields = {f"seal_{kind}": str(counts[f"sealed_{kind}"]) for kind in SEAL_FAILURES}
+    fields["alerts_invalidated"] = str(stats.alerts_invalidated)
+    return fields
+
+
 def serve_one(
-    sock: socket.socket, ctx: SSL.Context, cache: RecordingCache | None, report_stats: bool
+    sock: socket.socket,
+    ctx: SSL.Context,
+    cache: RecordingCache | None,
+    report_stats: bool,
+    log: TextIO | None = None,
+    request: bool = False,
 ) -> None:
     # Kernel timeouts keep the socket blocking for pyOpenSSL but bound every read and write.
     tv = struct.pack("ll", 5, 0)
@@ -101,30 +160,51 @@ def serve_one(
     conn.set_accept_state()
     if cache is not None:
         cache.new_ids.clear()
+
+    def status(handshake: str) -> dict[str, str]:
+        fields = {
+            "reused": str(int(_lib.SSL_session_reused(conn._ssl))),
+            "version": conn.get_protocol_version_name(),
+            "new": ",".join(i.hex() for i in cache.new_ids) if cache is not None else "",
+            **peer_fields(conn),
+        }
+        if cache is not None and report_stats:
+            s = cache.stats()
+            fields.update(
+                hits=str(s.hits),
+                pending_hits=str(s.pending_hits),
+                misses=str(s.misses),
+                skipped=str(s.skipped),
+                errors=str(s.errors + s.timeouts),
+                breaker=s.breaker_state,
+                **seal_fields(s),
+            )
+        if handshake != "ok":
+            fields["handshake"] = handshake
+        return fields
+
+    def record(fields: dict[str, str]) -> None:
+        if log is not None:
+            with _log_lock:
+                print(" ".join(f"{k}={v}" for k, v in fields.items()), file=log, flush=True)
+
     try:
         conn.do_handshake()
-    except (SSL.Error, OSError):
+    except (SSL.Error, OSError) as exc:
         conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        record(status("failed:" + type(exc).__name__))
         return
-    reused = _lib.SSL_session_reused(conn._ssl)
-    fields = {
-        "reused": str(int(reused)),
-        "version": conn.get_protocol_version_name(),
-        "new": ",".join(i.hex() for i in cache.new_ids) if cache is not None else "",
-    }
-    if cache is not None and report_stats:
-        s = cache.stats()
-        fields.update(
-            hits=str(s.hits),
-            pending_hits=str(s.pending_hits),
-            misses=str(s.misses),
-            skipped=str(s.skipped),
-            errors=str(s.errors + s.timeouts),
-            breaker=s.breaker_state,
-        )
+    fields = status("ok")
     fields["cpu"] = f"{time.process_time():.6f}"
     line = " ".join(f"{k}={v}" for k, v in fields.items()) + "\n"
+    end = "clean"
     try:
+        if request:  # the client speaks first: one line, read before answering
+            received = b""
+            for _ in range(16):
+                received += conn.recv(4096)
+                if received.endswith(b"\n"):
+                    break
         conn.sendall(line.encode())
         conn.shutdown()  # close_notify: the session stays valid
         for _ in range(16):  # wait (bounded) for the client's close_notify
@@ -132,8 +212,13 @@ def serve_one(
                 conn.recv(4096)
             except SSL.ZeroReturnError:
                 break
-    except (SSL.Error, OSError):
+    except (SSL.Error, OSError) as exc:
         conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        end = "error:" + type(exc).__name__
+    record({**fields, **status("ok"), "end": end})  # the counters once the connection ended
+
+
+_log_lock = threading.Lock()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     writes.add_argument("--async-writes", dest="writes", action="store_const", const="async")
     p.add_argument("--deadline-ms", type=float, default=20.0)
     p.add_argument("--breaker-reset-s", type=float, default=5.0)
+    sealing = p.add_mutually_exclusive_group()
+    sealing.add_argument("--keys", metavar="PATH", help="key ring that seals stored sessions")
+    sealing.add_argument(
+        "--insecure-unsealed",
+        action="store_true",
+        help="store sessions unsealed (benchmarks of the sealing's cost only)",
+    )
     p.add_argument("--no-stats", action="store_true", help="leave the counters out of the line")
     p.add_argument("--threads", type=int, default=1, help="connections served at once")
+    p.add_argument("--client-ca", metavar="FILE", help="ask for client certificates from this CA")
+    p.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="with --client-ca: refuse clients without a valid certificate",
+    )
+    p.add_argument(
+        "--session-id-context",
+        metavar="HEX",
+        default=SESSION_ID_CONTEXT.hex(),
+        help="the session id context, or 'default' for the cache's own (derived) one",
+    )
+    p.add_argument(
+        "--request",
+        action="store_true",
+        help="read one line from the client after the handshake, before answering",
+    )
+    p.add_argument(
+        "--log", metavar="FILE", help="append every connection's line (failed ones too) to FILE"
+    )
     args = p.parse_args(argv)
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -157,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     ctx, cache = make_context(args)
+    log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", args.port))
@@ -170,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 return  # listener closed: shutting down
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                serve_one(sock, ctx, cache, not args.no_stats)
+                serve_one(sock, ctx, cache, not args.no_stats, log, args.request)
             finally:
                 sock.close()
 

@@ -1,9 +1,9 @@
 """tlscache: a shared TLS session cache for pyOpenSSL servers.
 
-Typical use::
+Typical use (the key ring made once with ``tlscache-keys generate``)::
 
     store = tlscache.DistcacheStore("UNIX:/run/dc_client.sock")
-    cache = tlscache.SessionCache(store, timeout=300)
+    cache = tlscache.SessionCache(store, timeout=300, keys="/etc/tlscache/keys.json")
     cache.install(ctx)  # an OpenSSL.SSL.Context
 """
 
@@ -13,6 +13,7 @@ from tlscache.exceptions import (
     ClientError,
     ClientTimeout,
     ConfigurationError,
+    KeyRingError,
     ProtocolError,
     ResolverError,
     SealError,
@@ -21,6 +22,8 @@ from tlscache.exceptions import (
     StoreTimeout,
     TlsCacheError,
 )
+from tlscache.keyring import KeyRing, KeyRingFile
+from tlscache.sealing import Sealer
 from tlscache.session_cache import BreakerState, CacheStats, SessionCache
 from tlscache.stores import DistcacheStore, MemoryStore, SessionStore, WrappingStore
 
@@ -35,10 +38,14 @@ __all__ = [
     "ConfigurationError",
     "Deadline",
     "DistcacheStore",
+    "KeyRing",
+    "KeyRingError",
+    "KeyRingFile",
     "MemoryStore",
     "ProtocolError",
     "ResolverError",
     "SealError",
+    "Sealer",
     "ServerUnavailable",
     "SessionCache",
     "SessionStore",

@@ -15,7 +15,11 @@ fail and to cost little when the store misbehaves:
 * new sessions are written inside the callback with a short deadline (the
   cheapest hand-off there is), or by a bounded background writer thread with
   ``async_writes=True`` when a handshake must never wait for a write;
-* ``remove`` is ignored by default (see :data:`RemovePolicy`).
+* with a key ring (``keys=``) the store is untrusted storage: it sees neither
+  session ids nor sessions, only keyed hashes of the ids and sealed values
+  (:mod:`tlscache.sealing`); a value that does not open is a miss;
+* sessions are deleted from the store only when their connection ended in a
+  fatal alert, by default (see :data:`RemovePolicy`).
 """
 
 from __future__ import annotations
@@ -26,21 +30,24 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from tlscache.deadline import Clock, Deadline
 from tlscache.exceptions import (
     ConfigurationError,
     SealError,
+    SealFailure,
     StoreError,
     StoreTimeout,
     describe_error,
 )
+from tlscache.forksafe import repair_after_fork
+from tlscache.keyring import KeyRing, KeyRingFile
 from tlscache.latency import histogram_quantile
+from tlscache.sealing import SEAL_OVERHEAD, Sealer
 from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore
 
 if TYPE_CHECKING:
@@ -57,14 +64,18 @@ __all__ = [
 
 log = logging.getLogger("tlscache.session_cache")
 
-#: What OpenSSL's remove callback does to the shared store.
+#: When sessions are deleted from the shared store.
 #:
-#: ``"ignore"`` (default): nothing. OpenSSL also calls remove for connections that
-#: were freed without a clean TLS shutdown and for sessions it considers expired;
-#: deleting those from a shared store throws away sessions that other servers
-#: could still resume. The store's own TTL expires entries anyway.
-#: ``"delete"``: propagate the removal to the store (through the writer queue).
-RemovePolicy = Literal["ignore", "delete"]
+#: ``"alerts"`` (default): when the connection that used or was issued them sent
+#: or received a fatal alert (``on_fatal_alert``); a session whose connection
+#: ended that way must not be resumed (RFC 5246, section 7.2.2). OpenSSL's remove
+#: callback is ignored: it also fires for connections closed without close_notify
+#: and for sessions it considers expired, whose deletion would throw away sessions
+#: other servers could still resume (the store's TTL expires entries anyway).
+#: ``"delete"``: remove callbacks delete too. ``"ignore"``: nothing is ever deleted
+#: (not recommended: sessions of failed connections stay resumable).
+RemovePolicy = Literal["alerts", "delete", "ignore"]
+_REMOVE_POLICIES: Final = ("alerts", "delete", "ignore")
 
 #: Upper bounds (ms) of the lookup latency histogram; a last bucket catches the rest.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
@@ -172,14 +183,21 @@ class CacheStats:
     pending_writes: int  #: writes queued, not yet done
     hits: int  #: lookups answered with a session
     pending_hits: int  #: of those, answered from a write still queued in this process
-    misses: int  #: lookups the store answered with "absent"
-    bad_values: int  #: values from the store rejected as implausible (counted as misses too)
+    misses: int  #: lookups that found no usable session (absent, rejected or refused)
+    bad_values: int  #: values from the store rejected: implausible or refused by the seal
+    sealed_refused: int  #: values that did not open (the sum of the five below)
+    sealed_malformed: int  #: not a sealed value of a known version
+    sealed_unknown_key: int  #: sealed under a key this ring never had
+    sealed_retired_key: int  #: sealed under a key retired since
+    sealed_tampered: int  #: failed authentication: forged, altered, moved or truncated
+    sealed_expired: int  #: authentic, but past its sealed lifetime or this cache's timeout
     errors: int  #: lookups that failed (not timeouts)
     timeouts: int  #: lookups that exceeded their deadline
     skipped: int  #: lookups not attempted: breaker open
-    removes: int  #: removals sent to the store
-    removes_ignored: int  #: removals dropped by the ``"ignore"`` policy
-    remove_errors: int  #: removals that failed
+    removes: int  #: deletes the store carried out
+    removes_ignored: int  #: deletes not made because of the remove policy
+    remove_errors: int  #: deletes that failed or were not attempted (breaker open, closed)
+    alerts_invalidated: int  #: sessions deleted because their connection had a fatal alert
     breaker_state: str  #: ``closed``, ``open`` or ``half_open``
     breaker_opens: int  #: times the breaker opened
     latency_buckets_ms: tuple[float, ...]  #: histogram upper bounds; last bucket is +inf
@@ -221,6 +239,13 @@ class _Counters:
     removes: int = 0
     removes_ignored: int = 0
     remove_errors: int = 0
+    alerts_invalidated: int = 0
+    sealed_refused: int = 0
+    sealed_malformed: int = 0
+    sealed_unknown_key: int = 0
+    sealed_retired_key: int = 0
+    sealed_tampered: int = 0
+    sealed_expired: int = 0
 
     def hit(self) -> None:
         self.hits += 1
@@ -238,9 +263,43 @@ class _Counters:
     def timeout(self) -> None:
         self.timeouts += 1
 
+    def _refused(self) -> None:
+        self.misses += 1
+        self.bad_values += 1
+        self.sealed_refused += 1
+
+    def malformed(self) -> None:
+        self._refused()
+        self.sealed_malformed += 1
+
+    def unknown_key(self) -> None:
+        self._refused()
+        self.sealed_unknown_key += 1
+
+    def retired_key(self) -> None:
+        self._refused()
+        self.sealed_retired_key += 1
+
+    def tampered(self) -> None:
+        self._refused()
+        self.sealed_tampered += 1
+
+    def expired(self) -> None:
+        self._refused()
+        self.sealed_expired += 1
+
 
 #: What a finished lookup counts: one of the outcome methods of :class:`_Counters`.
 _Outcome = Callable[[_Counters], None]
+
+#: What a value that did not open counts, by :class:`SealError` failure.
+_REFUSED: Final[dict[SealFailure, _Outcome]] = {
+    "malformed": _Counters.malformed,
+    "unknown_key": _Counters.unknown_key,
+    "retired_key": _Counters.retired_key,
+    "tampered": _Counters.tampered,
+    "expired": _Counters.expired,
+}
 
 
 def _der_sequence_fits(value: bytes) -> bool:
@@ -266,31 +325,33 @@ def _as_bytes(value: object) -> bytes | None:
     return b""
 
 
-_Write = tuple[bytes, bytes, float] | tuple[bytes, None, float]  # (id, value or None=delete, ttl)
+#: A queued write: (store key, value to store or None to delete, ttl, the session's DER for
+#: answering lookups while the write is queued, or None).
+_Write = tuple[bytes, bytes | None, float, bytes | None]
 
 #: Every SessionCache of this process (each with its breaker), for the fork handler.
-_live_caches: weakref.WeakSet[SessionCache] = weakref.WeakSet()
-
-
-def _reinit_after_fork() -> None:
-    for cache in list(_live_caches):
-        cache._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 class SessionCache:
     """OpenSSL session callbacks backed by a shared :class:`SessionStore`.
 
     ``timeout`` (s) is the session lifetime: set on the Context by :meth:`install`
-    and the upper bound of a stored entry's TTL. ``deadline_ms`` bounds each
-    lookup (``write_deadline_ms``, default the same, each write). The breaker
-    opens after ``breaker_threshold`` consecutive failures and probes again
-    ``breaker_reset_s`` later. New sessions are written inside the callback; with
-    ``async_writes=True`` they go to one writer thread instead, through a queue of at
-    most ``write_queue_size`` writes not yet done.
+    and the upper bound of a stored entry's TTL and of a sealed session's age.
+    ``deadline_ms`` bounds each lookup (``write_deadline_ms``, default the same,
+    each write). The breaker opens after ``breaker_threshold`` consecutive
+    failures and probes again ``breaker_reset_s`` later. New sessions are written
+    inside the callback; with ``async_writes=True`` they go to one writer thread
+    instead, through a queue of at most ``write_queue_size`` writes not yet done.
+
+    ``keys`` (a :class:`~tlscache.keyring.KeyRing`, a
+    :class:`~tlscache.keyring.KeyRingFile`, or the path of a key ring file, which
+    is then followed through rotations) seals every session before it reaches the
+    store: the store key is a keyed hash of (session id context, session id) and
+    the value is encrypted and authenticated (:mod:`tlscache.sealing`). Without
+    keys, sessions are stored as they are, under their ids, which :meth:`install`
+    accepts only for an in-process store or with ``insecure_unsealed_storage=True``
+    (see ``docs/security.md``). ``remove_policy`` says when sessions are deleted
+    from the store (:data:`RemovePolicy`).
 
     Each lookup and each write gets one :class:`~tlscache.deadline.Deadline` on
     ``clock`` (monotonic, seconds; injectable for tests), which also times lookups
@@ -306,11 +367,13 @@ class SessionCache:
         store: SessionStore,
         timeout: int = 300,
         *,
+        keys: KeyRing | KeyRingFile | str | os.PathLike[str] | None = None,
+        insecure_unsealed_storage: bool = False,
         deadline_ms: float = 20.0,
         write_deadline_ms: float | None = None,
         breaker_threshold: int = 5,
         breaker_reset_s: float = 5.0,
-        remove_policy: RemovePolicy = "ignore",
+        remove_policy: RemovePolicy = "alerts",
         session_id_context: bytes | None = None,
         async_writes: bool = False,
         write_queue_size: int = 1024,
@@ -322,12 +385,23 @@ class SessionCache:
             raise ConfigurationError("timeout must be at least 1 second")
         if deadline_ms <= 0 or (write_deadline_ms is not None and write_deadline_ms <= 0):
             raise ConfigurationError("deadlines must be positive")
-        if remove_policy not in ("ignore", "delete"):
-            raise ConfigurationError("remove_policy must be 'ignore' or 'delete'")
+        if remove_policy not in _REMOVE_POLICIES:
+            raise ConfigurationError("remove_policy must be 'alerts', 'delete' or 'ignore'")
         if write_queue_size < 1:
             raise ConfigurationError("write_queue_size must be at least 1")
+        if keys is not None and insecure_unsealed_storage:
+            raise ConfigurationError("pass keys or insecure_unsealed_storage=True, not both")
         self.store = store
         self.timeout = int(timeout)
+        if keys is None:
+            self.sealer: Sealer | None = None
+        elif isinstance(keys, KeyRing | KeyRingFile):
+            self.sealer = Sealer(keys)
+        else:
+            self.sealer = Sealer(KeyRingFile(keys))
+        self.insecure_unsealed_storage = insecure_unsealed_storage
+        # The longest DER that still fits a store value once sealed.
+        self._max_der = MAX_VALUE_LEN - (SEAL_OVERHEAD if self.sealer is not None else 0)
         # Time budgets (s); every call gets a Deadline this far from its start.
         self._lookup_budget_s = deadline_ms / 1000.0
         self._write_budget_s = (
@@ -347,29 +421,50 @@ class SessionCache:
         self._hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._max_ms = 0.0
         self._closed = False
+        self._warned_unsealed = False
         # Writer state; the thread starts lazily, and again in a forked child.
         self._pid = -1
         self._items: deque[_Write | None] = deque()  # None: stop (from close())
         self._wake = threading.Event()
         self._writer_waiting = True  # the writer sleeps (or is not started): wake it
-        self._pending: dict[bytes, bytes] = {}
+        self._pending: dict[bytes, bytes] = {}  # store key -> DER of a queued write
         self._inflight = 0  # queued + being written
         self._idle = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        _live_caches.add(self)
+        repair_after_fork(self)
+
+    @property
+    def sealed(self) -> bool:
+        """Whether sessions are sealed before they reach the store."""
+        return self.sealer is not None
 
     # ------------------------------------------------------------ setup
 
-    def install(self, ctx: SSL.Context) -> None:
+    def install(self, ctx: SSL.Context) -> bytes:
         """Route ``ctx``'s session cache through this object and set its session timeout.
 
-        Raises :class:`~tlscache.exceptions.ResolverError` if the OpenSSL
-        functions needed cannot be found for the OpenSSL pyOpenSSL uses.
+        Returns the session id context set on ``ctx`` (``session_id_context``, or the
+        default derived from the server's certificate and trust settings).
+
+        Raises :class:`~tlscache.exceptions.ConfigurationError` if the store is
+        shared (not in-process) and sessions would be stored unsealed without
+        ``insecure_unsealed_storage=True``, and
+        :class:`~tlscache.exceptions.ResolverError` if the OpenSSL functions
+        needed cannot be found for the OpenSSL pyOpenSSL uses.
         """
+        if self.sealer is None and not self.insecure_unsealed_storage and not self.store.in_process:
+            raise ConfigurationError(
+                f"{type(self.store).__name__} is shared storage, and a stored session "
+                "holds its master secret and the client's identity: seal sessions with "
+                "a key ring. Create one with 'tlscache-keys generate PATH', copy it to "
+                "every server, and pass keys=PATH. To store sessions unsealed anyway, "
+                "pass insecure_unsealed_storage=True (see docs/security.md for what "
+                "that gives up)."
+            )
         from tlscache.openssl.callbacks import install_callbacks
 
-        install_callbacks(
+        context = install_callbacks(
             ctx,
             self,
             session_id_context=self.session_id_context,
@@ -378,55 +473,105 @@ class SessionCache:
             num_tickets=self.num_tickets,
         )
         ctx.set_timeout(self.timeout)
+        if self.insecure_unsealed_storage and not self._warned_unsealed:
+            self._warned_unsealed = True
+            log.warning(
+                "INSECURE: sessions go to %s unsealed, under their real ids "
+                "(insecure_unsealed_storage=True): whoever can read the store can read and "
+                "resume them, and whoever can write it can plant sessions with any client "
+                "identity. Use a key ring instead (keys=PATH; see docs/security.md).",
+                type(self.store).__name__,
+            )
+        return context
 
     # ------------------------------------------------------------ OpenSSL callbacks
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
         """OpenSSL negotiated a session: store it (now, or via the writer thread)."""
         try:
-            if not 0 < len(session_id) <= MAX_ID_LEN or not 0 < len(der) <= MAX_VALUE_LEN:
+            if not 0 < len(session_id) <= MAX_ID_LEN or not 0 < len(der) <= self._max_der:
                 self._count_dropped_write()
                 return
-            ttl = float(min(timeout_s, self.timeout) if timeout_s > 0 else self.timeout)
             if self._closed:
                 self._count_dropped_write()
-            elif self.async_writes:
-                self._enqueue((bytes(session_id), bytes(der), ttl))
+                return
+            lifetime = min(timeout_s, self.timeout) if timeout_s > 0 else self.timeout
+            der = bytes(der)
+            sealer = self.sealer
+            if sealer is None:
+                key, value = bytes(session_id), der
             else:
-                self._write(bytes(session_id), bytes(der), ttl)
+                context = bytes(context)
+                key = sealer.lookup_key(context, session_id)
+                value = sealer.seal(key, context, der, lifetime)
+            if self.async_writes:
+                self._enqueue((key, value, float(lifetime), der))
+            else:
+                self._write(key, value, float(lifetime))
         except Exception as exc:  # pragma: no cover - defensive: nothing may reach OpenSSL
             log.error("unexpected error in the new-session callback: %s", describe_error(exc))
 
-    def on_get(self, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
         """A client offers ``session_id``: its DER from the store, or None for a full handshake."""
         try:
-            return self._lookup(bytes(session_id))
+            sealer = self.sealer
+            if sealer is None:
+                return self._lookup(bytes(session_id), None)
+            context = bytes(context)
+            return self._lookup(sealer.lookup_key(context, session_id), context)
         except Exception as exc:  # pragma: no cover - defensive
             log.error("unexpected error in the get-session callback: %s", describe_error(exc))
             return None
 
-    def on_remove(self, session_id: bytes) -> None:
-        """OpenSSL drops a session: apply :data:`RemovePolicy`."""
+    def on_remove(self, context: bytes, session_id: bytes) -> None:
+        """OpenSSL drops a session: deleted from the store only with ``remove_policy="delete"``."""
         try:
-            if self.remove_policy == "ignore":
+            if self.remove_policy != "delete":
                 with self._lock:
                     self._counts.removes_ignored += 1
                 return
-            key = bytes(session_id)
-            if self._closed:
-                with self._lock:
-                    self._counts.remove_errors += 1
-            elif self.async_writes:
-                self._enqueue((key, None, 0.0))
-            else:
-                self._write(key, None, 0.0)
+            self._delete(context, session_id)
         except Exception as exc:  # pragma: no cover - defensive
             log.error("unexpected error in the remove-session callback: %s", describe_error(exc))
 
+    def on_fatal_alert(self, context: bytes, session_ids: Sequence[bytes]) -> None:
+        """A connection sent or received a fatal alert: the sessions it used or was issued
+        must not be resumed (RFC 5246, section 7.2.2), so they are deleted from the store
+        (unless ``remove_policy="ignore"``)."""
+        try:
+            ids = list(dict.fromkeys(bytes(s) for s in session_ids if 0 < len(s) <= MAX_ID_LEN))
+            if not ids:
+                return
+            if self.remove_policy == "ignore":
+                with self._lock:
+                    self._counts.removes_ignored += len(ids)
+                return
+            with self._lock:
+                self._counts.alerts_invalidated += len(ids)
+            for session_id in ids:
+                self._delete(context, session_id)
+        except Exception as exc:  # pragma: no cover - defensive
+            log.error("unexpected error in the fatal-alert callback: %s", describe_error(exc))
+
+    def _delete(self, context: bytes, session_id: bytes) -> None:
+        """Delete one session from the store, by the key it was stored under."""
+        if not 0 < len(session_id) <= MAX_ID_LEN:
+            return
+        sealer = self.sealer
+        key = bytes(session_id) if sealer is None else sealer.lookup_key(bytes(context), session_id)
+        if self._closed:
+            with self._lock:
+                self._counts.remove_errors += 1
+        elif self.async_writes:
+            self._enqueue((key, None, 0.0, None))
+        else:
+            self._write(key, None, 0.0)
+
     # ------------------------------------------------------------ lookups
 
-    def _lookup(self, session_id: bytes) -> bytes | None:
-        pending = self._pending.get(session_id)
+    def _lookup(self, key: bytes, context: bytes | None) -> bytes | None:
+        """One store round trip for ``key``; ``context`` is None when values are unsealed."""
+        pending = self._pending.get(key)
         if pending is not None:
             with self._lock:
                 counts = self._counts
@@ -441,16 +586,16 @@ class SessionCache:
         budget = self._lookup_budget_s
         start = clock()  # one read starts both the deadline and the latency measurement
         try:
-            value = _as_bytes(self.store.fetch(session_id, Deadline(start + budget, clock)))
+            value = _as_bytes(self.store.fetch(key, Deadline(start + budget, clock)))
         except StoreTimeout:
             self.breaker.failure()
             self._record_lookup(clock() - start, _Counters.timeout)
             return None
-        except SealError:
+        except SealError as exc:
             # The store answered, with a value that does not authenticate (a sealing
             # wrapper's verdict): a rejected value, not a failing store.
             self.breaker.success()
-            self._record_lookup(clock() - start, _Counters.bad_value)
+            self._record_lookup(clock() - start, _REFUSED.get(exc.failure, _Counters.tampered))
             return None
         except StoreError as exc:
             self.breaker.failure()
@@ -464,15 +609,22 @@ class SessionCache:
                 "session store raised an unexpected error on fetch: %s", describe_error(exc)
             )
             return None
-        elapsed = clock() - start
+        elapsed = clock() - start  # the store's time; opening the value is ours
         outcome: _Outcome
         if value is None:
             outcome = _Counters.miss
-        elif self._plausible(value):
-            outcome = _Counters.hit
-        else:
-            value = None
-            outcome = _Counters.bad_value
+        elif context is not None and self.sealer is not None and len(value) <= MAX_VALUE_LEN:
+            try:
+                value = self.sealer.open(key, context, value, self.timeout)
+            except SealError as exc:
+                value = None
+                outcome = _REFUSED.get(exc.failure, _Counters.tampered)
+        if value is not None:
+            if self._plausible(value):
+                outcome = _Counters.hit
+            else:
+                value = None
+                outcome = _Counters.bad_value
         if elapsed > budget * _LATE_FACTOR:
             # The store ignored its deadline: use the answer, but treat it as a timeout
             # so that a store that blocks keeps the breaker informed.
@@ -500,7 +652,7 @@ class SessionCache:
 
     # ------------------------------------------------------------ writes
 
-    def _write(self, session_id: bytes, value: bytes | None, ttl: float) -> None:
+    def _write(self, key: bytes, value: bytes | None, ttl: float) -> None:
         """One store/delete call with the breaker and the deadline. Never raises."""
         deleting = value is None
         if not self.breaker.allow():
@@ -516,9 +668,9 @@ class SessionCache:
         deadline = Deadline(start + budget, clock)
         try:
             if value is None:
-                self.store.delete(session_id, deadline)
+                self.store.delete(key, deadline)
             else:
-                self.store.store(session_id, value, ttl, deadline)
+                self.store.store(key, value, ttl, deadline)
         except StoreTimeout:
             self.breaker.failure()
             self._count_write(deleting, done=False, timed_out=True)
@@ -566,17 +718,20 @@ class SessionCache:
             return
         if self._pid != os.getpid():
             self._start_writer()
-        session_id, value, _ = item
+        key, _, _, der = item
         with self._lock:
             if self._inflight >= self.write_queue_size:
-                self._counts.writes_dropped += 1
+                if der is None:
+                    self._counts.remove_errors += 1
+                else:
+                    self._counts.writes_dropped += 1
                 return
             self._items.append(item)
             self._inflight += 1
-            if value is None:
-                self._pending.pop(session_id, None)
+            if der is None:
+                self._pending.pop(key, None)  # a delete also cancels a queued write
             else:
-                self._pending[session_id] = value
+                self._pending[key] = der
             wake = self._writer_waiting
             self._writer_waiting = False
         if wake:
@@ -627,13 +782,13 @@ class SessionCache:
                 for item in batch:
                     if item is None:
                         return
-                    session_id, value, ttl = item
+                    key, value, ttl, der = item
                     try:
-                        self._write(session_id, value, ttl)
+                        self._write(key, value, ttl)
                     finally:
                         with lock:
-                            if value is not None and self._pending.get(session_id) is value:
-                                del self._pending[session_id]
+                            if der is not None and self._pending.get(key) is der:
+                                del self._pending[key]
                             self._inflight -= 1
                             if self._inflight == 0:
                                 self._idle.notify_all()
@@ -679,12 +834,19 @@ class SessionCache:
             pending_hits=c.pending_hits,
             misses=c.misses,
             bad_values=c.bad_values,
+            sealed_refused=c.sealed_refused,
+            sealed_malformed=c.sealed_malformed,
+            sealed_unknown_key=c.sealed_unknown_key,
+            sealed_retired_key=c.sealed_retired_key,
+            sealed_tampered=c.sealed_tampered,
+            sealed_expired=c.sealed_expired,
             errors=c.errors,
             timeouts=c.timeouts,
             skipped=c.skipped,
             removes=c.removes,
             removes_ignored=c.removes_ignored,
             remove_errors=c.remove_errors,
+            alerts_invalidated=c.alerts_invalidated,
             breaker_state=self.breaker.state.value,
             breaker_opens=self.breaker.opens,
             latency_buckets_ms=LATENCY_BUCKETS_MS,
@@ -697,5 +859,6 @@ class SessionCache:
     def __repr__(self) -> str:
         return (
             f"<SessionCache store={type(self.store).__name__} timeout={self.timeout}s "
+            f"{'sealed' if self.sealer is not None else 'unsealed'} "
             f"breaker={self.breaker.state.value}>"
         )

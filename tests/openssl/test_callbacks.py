@@ -10,12 +10,15 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 from OpenSSL._util import lib
+from packaging.version import Version
 
 from tlscache.exceptions import ConfigurationError
-from tlscache.openssl.callbacks import _RateLimitedLog, install_callbacks, session_id
+from tlscache.openssl.callbacks import (
+    _RateLimitedLog,
+    default_session_id_context,
+    install_callbacks,
+    session_id,
+)
 from tlscache.openssl.resolver import resolve
 
 try:
@@ -48,24 +57,33 @@ class DictHandler:
     new: list[tuple[bytes, bytes, int]] = field(default_factory=list)
     gets: list[bytes] = field(default_factory=list)
     removes: list[bytes] = field(default_factory=list)
+    alerts: list[tuple[bytes, ...]] = field(default_factory=list)
+    contexts: set[bytes] = field(default_factory=set)
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        self.contexts.add(context)
         self.new.append((session_id, der, timeout_s))
         self.store[session_id] = der
 
-    def on_get(self, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+        self.contexts.add(context)
         self.gets.append(session_id)
         return self.store.get(session_id)
 
-    def on_remove(self, session_id: bytes) -> None:
+    def on_remove(self, context: bytes, session_id: bytes) -> None:
+        self.contexts.add(context)
         self.removes.append(session_id)
         self.store.pop(session_id, None)
+
+    def on_fatal_alert(self, context: bytes, session_ids: Sequence[bytes]) -> None:
+        self.contexts.add(context)
+        self.alerts.append(tuple(session_ids))
 
 
 class MissHandler(DictHandler):
     """Stores nothing it is given back: every lookup misses."""
 
-    def on_get(self, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
         self.gets.append(session_id)
         return None
 
@@ -73,21 +91,25 @@ class MissHandler(DictHandler):
 class RaisingHandler:
     calls = 0
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
         self.calls += 1
         raise RuntimeError("store down")
 
-    def on_get(self, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
         self.calls += 1
         raise RuntimeError("store down")
 
-    def on_remove(self, session_id: bytes) -> None:
+    def on_remove(self, context: bytes, session_id: bytes) -> None:
+        self.calls += 1
+        raise RuntimeError("store down")
+
+    def on_fatal_alert(self, context: bytes, session_ids: Sequence[bytes]) -> None:
         self.calls += 1
         raise RuntimeError("store down")
 
 
 class GarbageHandler(DictHandler):
-    def on_get(self, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
         self.gets.append(session_id)
         return b"\x30\x03garbage" if session_id in self.store else None
 
@@ -502,9 +524,10 @@ def test_disabled_resolver_raises_cleanly() -> None:
         "from tlscache.exceptions import ResolverError\n"
         "from tlscache.openssl.callbacks import install_callbacks\n"
         "class H:\n"
-        "    def on_new(self, s, d, t): pass\n"
-        "    def on_get(self, s): return None\n"
-        "    def on_remove(self, s): pass\n"
+        "    def on_new(self, c, s, d, t): pass\n"
+        "    def on_get(self, c, s): return None\n"
+        "    def on_remove(self, c, s): pass\n"
+        "    def on_fatal_alert(self, c, s): pass\n"
         "try:\n"
         "    install_callbacks(SSL.Context(SSL.TLS_SERVER_METHOD), H())\n"
         "except ResolverError as e:\n"
@@ -521,9 +544,39 @@ def test_disabled_resolver_raises_cleanly() -> None:
 
 def test_install_on_a_used_context_is_refused(leaf: trustme.LeafCert) -> None:
     sctx = server_context(leaf)
-    SSL.Connection(sctx, None)
+    conn = SSL.Connection(sctx, None)
     with pytest.raises(ConfigurationError, match="before"):
         install_callbacks(sctx, DictHandler())
+    del conn
+
+
+def test_install_works_after_set_cipher_list(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    """pyOpenSSL 25.1's set_cipher_list makes a throwaway Connection: that is not use."""
+    sctx = server_context(leaf)
+    sctx.set_cipher_list(b"ECDHE+AESGCM")
+    h = DictHandler()
+    install_callbacks(sctx, h)
+    cctx = client_context(ca, TLS12)
+    first = handshake(sctx, cctx)
+    assert handshake(sctx, cctx, first.session).server_reused
+
+
+def test_install_returns_the_context_it_set(leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    assert install_callbacks(server_context(leaf), h, session_id_context=b"svc") == b"svc"
+    sctx = server_context(leaf)
+    context = install_callbacks(sctx, h)
+    assert context == default_session_id_context(sctx) and len(context) == 32
+
+
+def test_handler_calls_carry_the_context(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    h = DictHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h, session_id_context=b"svc-a")
+    cctx = client_context(ca, TLS12)
+    handshake(sctx, cctx, handshake(sctx, cctx).session)
+    assert h.new and h.gets
+    assert h.contexts == {b"svc-a"}
 
 
 def test_session_id_without_session(leaf: trustme.LeafCert) -> None:
@@ -543,6 +596,80 @@ def test_default_session_id_context_is_shared_and_follows_verify_mode(
     assert handshake(b, cctx, first.session).server_reused
     # Made without a client-certificate request: not resumable where one is requested.
     assert not handshake(strict, cctx, first.session).server_reused
+
+
+def with_client_cas(ctx: SSL.Context, *cas: trustme.CA) -> SSL.Context:
+    for authority in cas:
+        ctx.add_client_ca(x509.load_pem_x509_certificate(authority.cert_pem.bytes()))
+    return ctx
+
+
+def test_default_session_id_context_follows_the_client_cas(leaf: trustme.LeafCert) -> None:
+    one, two = trustme.CA(), trustme.CA()
+    plain = default_session_id_context(server_context(leaf))
+    a = default_session_id_context(with_client_cas(server_context(leaf), one))
+    b = default_session_id_context(with_client_cas(server_context(leaf), two))
+    both = default_session_id_context(with_client_cas(server_context(leaf), one, two))
+    both_reversed = default_session_id_context(with_client_cas(server_context(leaf), two, one))
+    assert len({plain, a, b, both}) == 4
+    assert both == both_reversed  # the names' order does not matter
+    assert a == default_session_id_context(with_client_cas(server_context(leaf), one))
+
+
+def test_default_session_id_context_follows_the_certificate(ca: trustme.CA) -> None:
+    leaf_a, leaf_b = ca.issue_cert("localhost"), ca.issue_cert("localhost")
+    assert default_session_id_context(server_context(leaf_a)) != default_session_id_context(
+        server_context(leaf_b)
+    )
+
+
+def test_default_session_id_context_needs_a_certificate() -> None:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    with pytest.raises(ConfigurationError, match="load the certificate"):
+        install_callbacks(ctx, DictHandler())
+    assert install_callbacks(ctx, DictHandler(), session_id_context=b"explicit") == b"explicit"
+
+
+_DEFAULT_CONTEXT_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from OpenSSL import SSL
+from cryptography import x509
+from tlscache.openssl.callbacks import default_session_id_context
+
+ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+ctx.use_certificate_chain_file(sys.argv[2])
+ctx.use_privatekey_file(sys.argv[3])
+with open(sys.argv[4], "rb") as f:
+    ctx.add_client_ca(x509.load_pem_x509_certificate(f.read()))
+ctx.set_verify(SSL.VERIFY_PEER, None)
+print(default_session_id_context(ctx).hex())
+"""
+
+
+@pytest.mark.integration
+def test_default_session_id_context_is_stable_across_processes(
+    leaf: trustme.LeafCert, tmp_path: Path
+) -> None:
+    client_ca = trustme.CA()
+    chain, key, cas = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "cas.pem"
+    chain.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    cas.write_bytes(client_ca.cert_pem.bytes())
+    root = str(Path(__file__).resolve().parents[2])
+    outputs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", _DEFAULT_CONTEXT_SCRIPT, root, chain, key, cas],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout.strip())
+    here = with_client_cas(server_context(leaf), client_ca)
+    here.set_verify(SSL.VERIFY_PEER, None)
+    assert outputs == [default_session_id_context(here).hex()] * 2
 
 
 def test_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
@@ -653,13 +780,16 @@ def test_context_dies_before_its_ssl_ctx() -> None:
 class ExitingHandler:
     """Raises what ``except Exception`` does not catch: cffi's ``onerror`` must."""
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
         raise SystemExit(1)
 
-    def on_get(self, session_id: bytes) -> bytes | None:
-        raise KeyboardInterrupt
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+        raise GeneratorExit
 
-    def on_remove(self, session_id: bytes) -> None:
+    def on_remove(self, context: bytes, session_id: bytes) -> None:
+        raise SystemExit(1)
+
+    def on_fatal_alert(self, context: bytes, session_ids: Sequence[bytes]) -> None:
         raise SystemExit(1)
 
 
@@ -674,14 +804,45 @@ def test_base_exceptions_do_not_escape(
     assert lib.ERR_peek_error() == 0
 
 
+class InterruptedHandler(DictHandler):
+    """Stands for a signal handler that raises KeyboardInterrupt inside a callback."""
+
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        super().on_new(context, session_id, der, timeout_s)
+        raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_in_a_callback_is_delivered_again(
+    ca: trustme.CA, leaf: trustme.LeafCert
+) -> None:
+    """Ctrl-C (or a stop signal's handler) is not lost because it hit a callback."""
+    h = InterruptedHandler()
+    sctx = server_context(leaf)
+    install_callbacks(sctx, h)
+    # Test runners (pytest-xdist workers) may replace Python's own SIGINT handler; the
+    # redelivery is for processes that keep it, so this test keeps it too.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                handshake(sctx, client_context(ca, TLS12))
+            except KeyboardInterrupt:
+                raise
+            for _ in range(3000):  # it arrives within milliseconds; the bound is generous
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(h.new) == 1
+
+
 class QuotingHandler(DictHandler):
     """A handler whose errors quote the session's DER."""
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None:
-        super().on_new(session_id, der, timeout_s)
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
+        super().on_new(context, session_id, der, timeout_s)
         raise ValueError(f"cannot keep {der.hex()}")
 
-    def on_get(self, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
         der = self.store[session_id]
         raise ValueError(f"refusing {der.hex()}")
 
@@ -727,3 +888,68 @@ def test_the_openssl_layer_imports_nothing_above_it() -> None:
                 continue
             for module in modules:
                 assert not module.startswith(above), f"{path.name} imports {module}"
+
+
+# --------------------------------------------------------------------------- version floors
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def declared_floors() -> dict[str, str]:
+    """``name -> version`` for every ``name>=version`` in the project's dependencies."""
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    floors = {}
+    for dep in deps:
+        name, sep, version = dep.partition(">=")
+        if sep:
+            floors[name.strip()] = version.strip()
+    return floors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_callbacks_pass_with_the_declared_floor_versions(tmp_path: Path) -> None:
+    """The floors in pyproject.toml are what is tested: this file, with exactly those."""
+    floors = declared_floors()
+    assert {"pyOpenSSL", "cryptography"} <= floors.keys()
+    venv = tmp_path / "floor-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    pins = [f"{name}=={version}" for name, version in floors.items()]
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", *pins, "trustme", "pytest", "pytest-timeout"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if install.returncode != 0:
+        pytest.skip(f"pip cannot install {pins}: {install.stderr.strip()[-500:]}")
+    probe = "import OpenSSL, cryptography; print(OpenSSL.__version__, cryptography.__version__)"
+    installed = subprocess.run(
+        [python, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    wanted = [floors["pyOpenSSL"], floors["cryptography"]]
+    assert [Version(v) for v in installed] == [Version(v) for v in wanted]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run(
+        [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--noconftest",
+            "tests/openssl/test_callbacks.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -37,6 +38,19 @@ def binding(res: Resolution) -> Path:
     if res.method != "symtab":
         pytest.skip(f"binding resolved by {res.method}, not from .symtab")
     return Path(res.library_path)
+
+
+@pytest.fixture
+def record_accepts_copies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Skip the RECORD check, to reach the checks behind it (as if RECORD had been rewritten
+    along with the file); returns the paths the check was asked about."""
+    asked: list[str] = []
+
+    def accept(f: BinaryIO, path: str, loaded_path: str, checks: list[str]) -> None:
+        asked.append(path)
+
+    monkeypatch.setattr(resolver, "_check_record", accept)
+    return asked
 
 
 def elf_of(f: BinaryIO) -> Any:
@@ -94,7 +108,16 @@ def test_resolves_every_required_function(res: Resolution) -> None:
 def test_symtab_addresses_match_an_independent_reading(res: Resolution, binding: Path) -> None:
     assert res.bias is not None
     text = "\n".join(res.checks)
-    for needle in ("not used: dlsym", "mapped file", "bias", "build-id", "stubs jump", "bytes"):
+    needles = (
+        "not used: dlsym",
+        "mapped file",
+        "RECORD",
+        "bias",
+        "build-id",
+        "stubs jump",
+        "bytes",
+    )
+    for needle in needles:
         assert needle in text
     for name, address in res.addresses.items():
         value, _ = symbol(binding, name)
@@ -187,21 +210,28 @@ def test_unmodified_copy_is_accepted(res: Resolution, binding: Path, tmp_path: P
     "name",
     ["SSL_SESSION_get_id", "SSL_CTX_sess_set_get_cb", "SSL_version", "SSL_CTX_set_num_tickets"],
 )
-def test_patched_function_byte_is_refused(binding: Path, tmp_path: Path, name: str) -> None:
+def test_patched_function_byte_is_refused(
+    binding: Path, tmp_path: Path, name: str, record_accepts_copies: list[str]
+) -> None:
     _, offset = symbol(binding, name)
     copy = patched_copy(binding, tmp_path / "patched.so", offset + 1)
-    with pytest.raises(ResolverError, match="differ"):
+    with pytest.raises(ResolverError, match="bytes in memory differ"):
         resolve(copy)
+    assert record_accepts_copies == [str(copy)]
 
 
-def test_patched_stub_is_refused(binding: Path, tmp_path: Path) -> None:
+def test_patched_stub_is_refused(
+    binding: Path, tmp_path: Path, record_accepts_copies: list[str]
+) -> None:
     _, offset = symbol(binding, "_cffi_d_SSL_session_reused")
     copy = patched_copy(binding, tmp_path / "patched.so", offset + 2)
-    with pytest.raises(ResolverError, match="differ"):
+    with pytest.raises(ResolverError, match="bytes in memory differ"):
         resolve(copy)
 
 
-def test_mismatched_build_id_is_refused(binding: Path, tmp_path: Path) -> None:
+def test_mismatched_build_id_is_refused(
+    binding: Path, tmp_path: Path, record_accepts_copies: list[str]
+) -> None:
     with open(binding, "rb") as f:
         note = elf_of(f).get_section_by_name(".note.gnu.build-id")
         offset = note["sh_offset"] + note["sh_size"] - 1  # last byte of the id
@@ -210,7 +240,9 @@ def test_mismatched_build_id_is_refused(binding: Path, tmp_path: Path) -> None:
         resolve(copy)
 
 
-def test_duplicate_symbol_is_refused(binding: Path, tmp_path: Path) -> None:
+def test_duplicate_symbol_is_refused(
+    binding: Path, tmp_path: Path, record_accepts_copies: list[str]
+) -> None:
     """Another FUNC renamed to SSL_SESSION_get_id: the name is no longer unique."""
     copy = tmp_path / "dup.so"
     shutil.copyfile(binding, copy)
@@ -228,7 +260,9 @@ def test_duplicate_symbol_is_refused(binding: Path, tmp_path: Path) -> None:
         resolve(copy)
 
 
-def test_stripped_copy_is_refused(binding: Path, tmp_path: Path) -> None:
+def test_stripped_copy_is_refused(
+    binding: Path, tmp_path: Path, record_accepts_copies: list[str]
+) -> None:
     strip = shutil.which("strip")
     if strip is None:
         pytest.skip("no strip(1)")
@@ -239,7 +273,7 @@ def test_stripped_copy_is_refused(binding: Path, tmp_path: Path) -> None:
         resolve(copy)
 
 
-def test_other_elf_file_is_refused(binding: Path) -> None:
+def test_other_elf_file_is_refused(binding: Path, record_accepts_copies: list[str]) -> None:
     spec = importlib.util.find_spec("_cffi_backend")
     assert spec is not None and spec.origin is not None
     with pytest.raises(ResolverError, match="_cffi_d_"):
@@ -280,6 +314,69 @@ def test_memory_reads_stay_inside_the_image(res: Resolution, binding: Path) -> N
         resolver._Image(resolver._read_maps(), 0x10)
 
 
+# --------------------------------------------------------------------------- RECORD
+
+
+def test_copy_with_one_changed_byte_is_refused_by_the_record(binding: Path, tmp_path: Path) -> None:
+    """A byte outside anything the other checks read (the .comment section): only the
+    RECORD catches it."""
+    with open(binding, "rb") as f:
+        comment = elf_of(f).get_section_by_name(".comment")
+        assert comment is not None
+        offset = comment["sh_offset"] + 1
+    copy = patched_copy(binding, tmp_path / "patched.so", offset)
+    with pytest.raises(ResolverError, match="differs from cryptography's RECORD"):
+        resolve(copy)
+
+
+def test_copied_package_with_a_changed_byte_is_refused(
+    binding: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loaded binding checked against a patched copy of its package's RECORD entry."""
+    real = resolver._recorded_sha256(str(binding))
+    assert real == hashlib.sha256(binding.read_bytes()).hexdigest()
+    monkeypatch.setattr(resolver, "_recorded_sha256", lambda path: "0" * 64)
+    with pytest.raises(ResolverError, match="not the one the wheel installed"):
+        resolver._resolve(None, force_file=True)
+
+
+def test_binding_missing_from_record_is_refused(
+    binding: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib import metadata
+
+    dist = metadata.distribution("cryptography")
+    files = [f for f in dist.files or [] if f.name != binding.name]
+    monkeypatch.setattr(type(dist), "files", property(lambda self: files))
+    with pytest.raises(ResolverError, match="is not listed in the RECORD"):
+        resolver._resolve(None, force_file=True)
+    monkeypatch.setattr(type(dist), "files", property(lambda self: None))
+    with pytest.raises(ResolverError, match="without a RECORD"):
+        resolver._resolve(None, force_file=True)
+
+
+def test_record_hash_is_computed_once_per_file_version(
+    binding: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "copy.so"
+    shutil.copyfile(binding, copy)
+    resolver._digests.clear()
+    computed: list[int] = []
+    real_sha256 = hashlib.sha256
+
+    def counting() -> Any:
+        computed.append(1)
+        return real_sha256()
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    resolve(copy)
+    resolve(copy)
+    assert len(computed) == 1
+    os.utime(copy, ns=(0, 0))  # a new mtime: hashed again
+    resolve(copy)
+    assert len(computed) == 2
+
+
 # --------------------------------------------------------------------------- decoding
 
 X86 = resolver._EM_X86_64
@@ -318,17 +415,24 @@ _SYSTEM_PROBE = "import OpenSSL.SSL, cryptography.hazmat.bindings._openssl"
 
 _SYSTEM_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import os, sys, types
     from OpenSSL import SSL
     from OpenSSL._util import lib
+
+    # Only the OpenSSL layer: the rest of the package needs a newer cryptography than a
+    # distribution may ship, and the layer imports nothing from it.
+    package = types.ModuleType("tlscache")
+    package.__path__ = [os.path.join(sys.argv[3], "tlscache")]
+    sys.modules["tlscache"] = package
     from tlscache.openssl.callbacks import install_callbacks
     from tlscache.openssl.resolver import resolve
 
     class H:
         def __init__(self): self.d = {}
-        def on_new(self, s, der, t): self.d[s] = der
-        def on_get(self, s): return self.d.get(s)
-        def on_remove(self, s): self.d.pop(s, None)
+        def on_new(self, c, s, der, t): self.d[s] = der
+        def on_get(self, c, s): return self.d.get(s)
+        def on_remove(self, c, s): self.d.pop(s, None)
+        def on_fatal_alert(self, c, ids): pass
 
     def connect(sctx, cctx, sess=None):
         s = SSL.Connection(sctx, None); s.set_accept_state()
@@ -378,7 +482,7 @@ def test_dynamically_linked_system_stack(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [python, "-c", _SYSTEM_SCRIPT, str(chain), str(key)],
+        [python, "-c", _SYSTEM_SCRIPT, str(chain), str(key), str(ROOT)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -74,7 +74,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @contextlib.contextmanager
 def tls_server(certs: Certs, store: str, *extra: str) -> Iterator[Server]:
     port = free_port()
-    argv = server_argv(certs.chain, certs.key, port, store, *extra)
+    argv = server_argv(certs.chain, certs.key, port, store, *extra, keys=certs.key.parent / "keys")
     with running(argv, ready=f"IP:127.0.0.1:{port}", stderr=subprocess.DEVNULL) as proc:
         yield Server(port, proc)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -43,8 +45,26 @@ class FarmProc:
             data: dict[str, Any] = json.loads(r.read())
         return data
 
+    def page(self) -> str:
+        """The farm's HTML status page."""
+        with urllib.request.urlopen(f"{self.status_url}/", timeout=5) as r:
+            text: str = r.read().decode()
+        return text
+
+    def token(self) -> str:
+        """The control token, read from the page's own forms as a browser would."""
+        found = set(re.findall(r'name="token" value="([^"]+)"', self.page()))
+        assert len(found) == 1, found
+        return found.pop()
+
     def post(self, path: str) -> dict[str, Any]:
-        req = urllib.request.Request(f"{self.status_url}{path}", data=b"", method="POST")
+        """A control POST as a script sends it: the token in its header."""
+        req = urllib.request.Request(
+            f"{self.status_url}{path}",
+            data=b"",
+            method="POST",
+            headers={"X-Tlscache-Token": self.token()},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             data: dict[str, Any] = json.loads(r.read())
         return data
@@ -58,6 +78,29 @@ class FarmProc:
 
     def client_context(self, tls: TlsVersion = "1.3") -> ssl.SSLContext:
         return client_context(str(self.ca), tls)
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+) -> tuple[int, bytes]:
+    """One request to a plain-HTTP port on loopback, with exactly the ``Host`` (if any) and
+    other headers given: (status, body)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        if method == "POST":
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body if method == "POST" else None)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 def _wait_up(farm: FarmProc, expected: int, timeout: float = 30.0) -> None:

@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import signal
+import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import pytest
 from tests.server.farmctl import HOST, FarmProc, farm, wait_gone
 from tlscache_farm.certs import ensure_demo_certs
 from tlscache_farm.config import TlsVersion, WorkloadConfig
+from tlscache_farm.procs import tool
 from tlscache_farm.supervisor import remove_stale_run_dirs
 from tlscache_farm.workload import WorkloadResult, fetch_info, run_workload
 
@@ -222,6 +225,77 @@ def test_status_pages(shared: FarmProc) -> None:
     fields = set(dataclasses.asdict(info))
     assert {"backend", "tls_version", "cipher", "resumed", "session_id", "cache"} <= fields
     assert info.cache is not None and info.cache.breaker_state == "closed"
+
+
+def test_the_run_has_a_private_key_ring_that_every_backend_uses(shared: FarmProc) -> None:
+    st = shared.status()
+    ring = Path(st["keys"])
+    assert ring.parent == Path(st["run_dir"])
+    assert stat.S_IMODE(ring.stat().st_mode) == 0o600
+    assert [b["status"]["keys"] for b in st["backends"]] == [str(ring)] * 3
+    assert json.loads(ring.read_text())["format"] == "tlscache-keyring"
+    assert "Sealed sessions refused" in shared.page()
+
+
+def _keys(command: str, ring: Path, *args: str) -> None:
+    """``tlscache-keys COMMAND RING ARGS`` on the farm's ring, as an operator runs it."""
+    argv = tool("tlscache_keys", command, str(ring), *args)
+    done = subprocess.run(argv, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+Chain = tuple[list[bool], ssl.SSLSession | None, set[str]]
+
+
+def test_key_ring_rotation_in_a_running_farm(tmp_path: Path, certs_dir: Path) -> None:
+    """A rotation reaches every backend without a restart: sessions sealed before it still
+    resume; once the old key is retired they are refused (full handshakes, counted), and
+    sessions sealed under the new key resume on every backend."""
+    with farm(tmp_path, certs_dir, tls="1.2", backends=2) as f:
+        ring = Path(f.status()["keys"])
+        ctx = f.client_context("1.2")
+
+        def chain(session: ssl.SSLSession | None = None) -> Chain:
+            """A new session (unless given), then three reconnects offering it."""
+            seen, backends = [], set()
+            if session is None:
+                info, session, resumed, _ = fetch_info(ctx, HOST, f.port, None, timeout=10)
+                seen.append(resumed)
+                backends.add(info.backend)
+            for _ in range(3):
+                info, _, resumed, _ = fetch_info(ctx, HOST, f.port, session, timeout=10)
+                seen.append(resumed)
+                backends.add(info.backend)
+            return seen, session, backends
+
+        expected = [False, True, True, True]
+        seen, old, _ = measure(f, chain, lambda r: r[0] == expected)
+        assert seen == expected, (seen, _cache_stats(f))
+
+        _keys("rotate", ring)  # key 2 seals from now on; key 1 still opens
+        time.sleep(1.5)  # backends look at the ring file at most once a second
+        seen, _, _ = measure(f, lambda: chain(old), lambda r: all(r[0]))
+        assert all(seen), ("a rotation lost the sessions sealed before it", _cache_stats(f))
+
+        _keys("retire", ring, "1")  # what key 1 sealed no longer opens
+        deadline = time.monotonic() + 15
+        refused: set[str] = set()
+        while refused != {"backend-1", "backend-2"} and time.monotonic() < deadline:
+            info, _, resumed, _ = fetch_info(ctx, HOST, f.port, old, timeout=10)
+            if not resumed:
+                refused.add(info.backend)
+            time.sleep(0.1)
+        assert refused == {"backend-1", "backend-2"}, "a retired key still opened sessions"
+        cache = _cache_stats(f)
+        for c in cache:
+            assert isinstance(c, dict)
+            assert c["sealed_retired_key"] >= 1 and c["sealed_refused"] >= 1, cache
+        page = f.page()
+        assert "Sealed sessions refused" in page and "retired key" in page
+
+        # Sessions sealed under key 2 resume across the farm.
+        seen, _, backends = measure(f, chain, lambda r: r[0] == expected)
+        assert seen == expected and backends == {"backend-1", "backend-2"}, (seen, cache)
 
 
 def test_memory_cache_resumes_only_on_the_origin(tmp_path: Path, certs_dir: Path) -> None:

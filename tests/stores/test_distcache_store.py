@@ -252,7 +252,7 @@ def test_pipelined_writes_to_dc_client_without_server(tmp_path: Path) -> None:
         # The breaker of a SessionCache over it opens on writes alone.
         cache = SessionCache(store, breaker_threshold=3, breaker_reset_s=60)
         for i in range(200):
-            cache.on_new(b"s%03d" % i, b"\x30" + b"x" * 100, 300)
+            cache.on_new(b"ctx", b"s%03d" % i, b"\x30" + b"x" * 100, 300)
             if cache.stats().breaker_state == "open":
                 break
             time.sleep(0.002)

@@ -4,7 +4,21 @@
 ``callbacks`` wires them to a Python handler. This package is the only code that touches cffi.
 """
 
-from tlscache.openssl.callbacks import SessionCallbacks, install_callbacks, session_id
+from tlscache.openssl.callbacks import (
+    DEFAULT_SESSION_ID_CONTEXT,
+    SessionCallbacks,
+    default_session_id_context,
+    install_callbacks,
+    session_id,
+)
 from tlscache.openssl.resolver import Resolution, resolve
 
-__all__ = ["Resolution", "SessionCallbacks", "install_callbacks", "resolve", "session_id"]
+__all__ = [
+    "DEFAULT_SESSION_ID_CONTEXT",
+    "Resolution",
+    "SessionCallbacks",
+    "default_session_id_context",
+    "install_callbacks",
+    "resolve",
+    "session_id",
+]

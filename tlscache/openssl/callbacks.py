@@ -1,7 +1,8 @@
 """OpenSSL's external session cache callbacks, wired to a Python handler.
 
 This is the only module that touches cffi on the handshake path. The handler (the session
-cache layer) sees plain bytes: a session id, the session's DER encoding and its lifetime.
+cache layer) sees plain bytes: the session id context the callbacks were installed with, a
+session id, the session's DER encoding and its lifetime.
 
 Rules the glue enforces, each learnt the hard way:
 
@@ -12,19 +13,28 @@ Rules the glue enforces, each learnt the hard way:
   callbacks are first unregistered from the ``SSL_CTX``, which may outlive it (an ``SSL``
   switched to another context by SNI keeps the original as its session context).
 * ``new`` returns 0: we keep no reference to the session.
+* A fatal alert, sent or received, reports every session the connection used or was issued
+  (``on_fatal_alert``): the store is untrusted, so a session whose connection failed must not
+  be offered again. A connection closed without close_notify is not an alert.
 
 pyOpenSSL's private ``Context._context`` / ``Connection._ssl`` cdata are used because the public
-API offers no access to the ``SSL_CTX`` / ``SSL`` pointers.
+API offers no access to the ``SSL_CTX`` / ``SSL`` pointers, and ``Connection._reverse_mapping``
+(the map pyOpenSSL's own callbacks use) to find the ``Connection`` of an ``SSL *``.
 """
 
 from __future__ import annotations
 
+import _thread
+import functools
 import hashlib
 import logging
+import signal
+import struct
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from OpenSSL import SSL
@@ -35,6 +45,7 @@ from tlscache.openssl.resolver import Resolution, resolve
 __all__ = [
     "DEFAULT_SESSION_ID_CONTEXT",
     "SessionCallbacks",
+    "default_session_id_context",
     "install_callbacks",
     "session_id",
 ]
@@ -44,23 +55,34 @@ log = logging.getLogger(__name__)
 _SESS_CACHE_SERVER = 0x0002
 _SESS_CACHE_NO_INTERNAL = 0x0300
 _MAX_SID_CTX_LENGTH = 32  # SSL_MAX_SID_CTX_LENGTH
+_CB_WRITE = 0x08  # SSL_CB_WRITE
+_CB_ALERT = 0x4000  # SSL_CB_ALERT
+_AL_FATAL = 2  # SSL3_AL_FATAL: the level is the high byte of the info callback's ``ret``
+_MAX_IDS_PER_CONNECTION = 16
+_REDELIVERY_DELAY_S = 0.01
 _ATTR = "_tlscache_session_callbacks"
 
-#: The session id context set when none is given. It is a constant (plus the verify mode, so
-#: that sessions made without client-certificate checks are not resumed where they are
-#: required), hence identical on every server of a farm that runs the same configuration.
-#: Servers of *different* services sharing one store must each pass their own value.
-DEFAULT_SESSION_ID_CONTEXT = b"tlscache/session-id-context/v1"
+#: Version label of the default session id context, a sha256 over this label, the server
+#: certificate (DER), the accepted client CA names (DER, sorted) and the verify mode. Servers
+#: with the same certificate and trust settings get the same value (so a farm shares
+#: sessions); services whose trust settings differ never do.
+DEFAULT_SESSION_ID_CONTEXT = b"tlscache/session-id-context/v2"
 
 
 class SessionCallbacks(Protocol):
-    """What the cache layer provides; called on the handshaking thread, under the GIL."""
+    """What the cache layer provides; called on the handshaking thread, under the GIL.
 
-    def on_new(self, session_id: bytes, der: bytes, timeout_s: int) -> None: ...
+    ``context`` is the session id context of the ``Context`` the callbacks were installed on
+    (what ``install_callbacks`` returned), so that stored values can be bound to it.
+    """
 
-    def on_get(self, session_id: bytes) -> bytes | None: ...
+    def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None: ...
 
-    def on_remove(self, session_id: bytes) -> None: ...
+    def on_get(self, context: bytes, session_id: bytes) -> bytes | None: ...
+
+    def on_remove(self, context: bytes, session_id: bytes) -> None: ...
+
+    def on_fatal_alert(self, context: bytes, session_ids: Sequence[bytes]) -> None: ...
 
 
 class _RateLimitedLog:
@@ -88,17 +110,112 @@ class _RateLimitedLog:
 _warn = _RateLimitedLog()
 
 
+# --------------------------------------------------------------------------- per connection
+
+
+@dataclass
+class _Record:
+    """What one connection was given: the ids, and who to tell if it fails."""
+
+    handler: SessionCallbacks
+    context: bytes
+    ids: list[bytes] = field(default_factory=list)
+
+
+# Keyed by the Connection, so an entry goes when the connection (and its SSL) is freed; a
+# connection remembers at most _MAX_IDS_PER_CONNECTION ids (the newest).
+_records: weakref.WeakKeyDictionary[SSL.Connection, _Record] = weakref.WeakKeyDictionary()
+_records_lock = threading.Lock()
+
+
+def _connection_of(ssl: Any) -> SSL.Connection | None:
+    """The pyOpenSSL Connection of an ``SSL *`` (``None`` if pyOpenSSL did not make it)."""
+    mapping = getattr(SSL.Connection, "_reverse_mapping", None)
+    return None if mapping is None else mapping.get(ssl)
+
+
+def _remember(ssl: Any, handler: SessionCallbacks, context: bytes, sid: bytes) -> None:
+    """Note that the connection of ``ssl`` was issued, or resumed, session ``sid``."""
+    conn = _connection_of(ssl)
+    if conn is None:
+        return
+    with _records_lock:
+        rec = _records.get(conn)
+        if rec is None:
+            _records[conn] = _Record(handler, context, [sid])
+            return
+        rec.handler, rec.context = handler, context
+        if sid not in rec.ids:
+            rec.ids.append(sid)
+            del rec.ids[:-_MAX_IDS_PER_CONNECTION]
+
+
+def _forget(ssl: Any) -> _Record | None:
+    conn = _connection_of(ssl)
+    if conn is None:
+        return None
+    with _records_lock:
+        return _records.pop(conn, None)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
 @dataclass
 class _Installed:
     """One ``install_callbacks`` call: the handler and the cffi objects OpenSSL points to."""
 
     handler: SessionCallbacks
+    context: bytes
     new_cb: Any
     get_cb: Any
     remove_cb: Any
 
 
-def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
+def _sid_reader(res: Resolution) -> Callable[[Any], bytes]:
+    """``sid_of(session)``: the id of an ``SSL_SESSION *`` (``b""`` if it has none)."""
+    from OpenSSL._util import ffi
+
+    null, new, buffer = ffi.NULL, ffi.new, ffi.buffer
+    uint_p = ffi.typeof("unsigned int *")  # ctype objects: no string parsing per call
+    get_id = res.get("SSL_SESSION_get_id")
+
+    def sid_of(sess: Any) -> bytes:
+        length = new(uint_p)
+        p = get_id(sess, length)
+        return buffer(p, length[0])[:] if p != null else b""
+
+    return sid_of
+
+
+def _onerror(exc_type: Any, exc_value: Any, tb: Any) -> None:
+    """What escapes a callback's ``except Exception`` (MemoryError, KeyboardInterrupt...).
+
+    A signal that arrives while OpenSSL runs is handled at the next Python code, which is
+    often one of these callbacks: a KeyboardInterrupt raised there (Ctrl-C, or a stop
+    handler that raises it) cannot cross OpenSSL, so it is delivered to the main thread
+    again, from another thread and a moment later, until it lands outside a callback.
+    """
+    if isinstance(exc_value, KeyboardInterrupt) and (
+        threading.current_thread() is threading.main_thread()
+    ):
+        timer = threading.Timer(_REDELIVERY_DELAY_S, _interrupt_main)
+        timer.daemon = True
+        timer.start()
+        return
+    _warn("callback", f"session callback failed: {type(exc_value).__name__}")
+
+
+def _interrupt_main() -> None:
+    """A KeyboardInterrupt in the main thread, waking it from a blocking call (accept)."""
+    main = threading.main_thread().ident
+    if main is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.pthread_kill(main, signal.SIGINT)  # a real signal interrupts system calls
+    else:
+        _thread.interrupt_main()
+
+
+def _make_callbacks(res: Resolution, handler: SessionCallbacks, context: bytes) -> _Installed:
     """Build the three cffi callbacks for ``handler`` (closures keep the hot path lean)."""
     from OpenSSL._util import ffi, lib
 
@@ -107,10 +224,9 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
     new = ffi.new
     buffer = ffi.buffer
     from_buffer = ffi.from_buffer
-    uint_p = ffi.typeof("unsigned int *")  # ctype objects: no string parsing per call
     uchar_a = ffi.typeof("unsigned char[]")
     uchar_pp = ffi.typeof("unsigned char **")
-    get_id = res.get("SSL_SESSION_get_id")
+    sid_of = _sid_reader(res)
     get_timeout = res.get("SSL_SESSION_get_timeout")
     i2d = res.get("i2d_SSL_SESSION")
     d2i = res.get("d2i_SSL_SESSION")
@@ -118,16 +234,12 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
     clear_errors = lib.ERR_clear_error
     on_new, on_get, on_remove = handler.on_new, handler.on_get, handler.on_remove
 
-    def sid_of(sess: Any) -> bytes:
-        length = new(uint_p)
-        p = get_id(sess, length)
-        return buffer(p, length[0])[:] if p != null else b""
-
     def new_cb(ssl: Any, sess: Any) -> int:
         try:
             sid = sid_of(sess)
             if not sid:
                 return 0  # stateless ticket or no id: nothing to look up later
+            _remember(ssl, handler, context, sid)
             size = i2d(sess, null)
             if size <= 0:
                 clear_errors()
@@ -135,7 +247,7 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
                 return 0
             buf = new(uchar_a, size)
             i2d(sess, new(uchar_pp, buf))
-            on_new(sid, buffer(buf, size)[:], int(get_timeout(sess)))
+            on_new(context, sid, buffer(buf, size)[:], int(get_timeout(sess)))
         except Exception as e:
             _warn("new", f"session cache on_new failed: {describe_error(e)}")
         return 0
@@ -143,7 +255,7 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
     def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
         try:
             sid = buffer(data, length)[:]
-            der = on_get(sid)
+            der = on_get(context, sid)
             if der is None:
                 return null
             buf = from_buffer(uchar_a, der)  # no copy; ``der`` outlives the call
@@ -156,6 +268,7 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
                 session_free(sess)
                 _warn("mismatch", f"stored session for {sid.hex()[:16]}... has another id")
                 return null
+            _remember(ssl, handler, context, sid)
             copy[0] = 0
             return sess
         except Exception as e:
@@ -166,42 +279,221 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks) -> _Installed:
         try:
             sid = sid_of(sess)
             if sid:
-                on_remove(sid)
+                on_remove(context, sid)
         except Exception as e:
             _warn("remove", f"session cache on_remove failed: {describe_error(e)}")
 
-    def onerror(exc_type: Any, exc_value: Any, tb: Any) -> None:
-        # Only reached if the handlers above fail outside their try (e.g. MemoryError).
-        _warn("callback", f"session callback failed: {type(exc_value).__name__}")
-
     return _Installed(
         handler,
-        ffi.callback("int (*)(SSL *, SSL_SESSION *)", new_cb, error=0, onerror=onerror),
+        context,
+        ffi.callback("int (*)(SSL *, SSL_SESSION *)", new_cb, error=0, onerror=_onerror),
         ffi.callback(
             "SSL_SESSION *(*)(SSL *, const unsigned char *, int, int *)",
             get_cb,
-            onerror=onerror,
+            onerror=_onerror,
         ),
-        ffi.callback("void (*)(SSL_CTX *, SSL_SESSION *)", remove_cb, onerror=onerror),
+        ffi.callback("void (*)(SSL_CTX *, SSL_SESSION *)", remove_cb, onerror=_onerror),
     )
 
 
-def _unregister(ctx_address: int, res: Resolution, keep: list[_Installed] | None) -> None:
+class _AlertHook:
+    """The Context's info callback: fatal alerts to ``on_fatal_alert``, then the user's callback.
+
+    One per Context (re-installing swaps the handler). ``previous`` is the info callback that
+    was registered before ours (pyOpenSSL's, from ``Context.set_info_callback``), called after
+    ours for every event; ``retired`` keeps the cffi objects of replaced user callbacks alive,
+    since a handshake on another thread may still be inside one.
+    """
+
+    def __init__(self, res: Resolution, handler: SessionCallbacks, context: bytes) -> None:
+        from OpenSSL._util import ffi, lib
+
+        lib = getattr(lib, "_original_lib", lib)
+        self.handler = handler
+        self.context = context
+        self.previous: Any = None
+        self.retired: list[Any] = []
+        self._ffi = ffi
+        self._get_info = res.get("SSL_CTX_get_info_callback")
+        self._set_info = lib.SSL_CTX_set_info_callback
+        sid_of = _sid_reader(res)
+        get_session = lib.SSL_get_session
+        peek_last_error = res.get("ERR_peek_last_error")
+        reason_of = lib.ERR_GET_REASON
+        eof_reason = getattr(lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", None)
+        null = ffi.NULL
+
+        def fatal_alert(ssl: Any, where: int) -> None:
+            # OpenSSL 3 answers a peer that hung up without close_notify with a fatal
+            # decode_error alert of its own; that is not a failed connection.
+            if (
+                where & _CB_WRITE
+                and eof_reason is not None
+                and reason_of(peek_last_error()) == eof_reason
+            ):
+                return
+            rec = _forget(ssl)
+            if rec is None:
+                handler, context, ids = self.handler, self.context, []
+            else:
+                handler, context, ids = rec.handler, rec.context, rec.ids
+            sess = get_session(ssl)
+            if sess != null:
+                sid = sid_of(sess)
+                if sid and sid not in ids:
+                    ids.append(sid)
+            if ids:
+                handler.on_fatal_alert(context, tuple(ids))
+
+        def info_cb(ssl: Any, where: int, ret: int) -> None:
+            if where & _CB_ALERT and ret >> 8 == _AL_FATAL:
+                try:
+                    fatal_alert(ssl, where)
+                except Exception as e:
+                    _warn("alert", f"session cache on_fatal_alert failed: {describe_error(e)}")
+            previous = self.previous
+            if previous is not None:
+                previous(ssl, where, ret)
+
+        self.callback = ffi.callback("void (*)(const SSL *, int, int)", info_cb, onerror=_onerror)
+        self._address = int(ffi.cast("uintptr_t", self.callback))
+
+    def take_over(self, raw: Any) -> None:
+        """Register ours on ``raw`` (an ``SSL_CTX *``), chaining whatever was registered."""
+        current = self._get_info(raw)
+        if current != self._ffi.NULL and int(self._ffi.cast("uintptr_t", current)) != self._address:
+            self.previous = current
+        self._set_info(raw, self.callback)
+
+
+@dataclass
+class _State:
+    """Everything ``install_callbacks`` keeps alive with one Context."""
+
+    hook: _AlertHook
+    installed: list[_Installed] = field(default_factory=list)
+
+
+def _unregister(ctx_address: int, res: Resolution, keep: _State | None) -> None:
     """Clear the callbacks from an ``SSL_CTX`` whose ``Context`` is going away.
 
     ``keep`` holds the callback objects when the Context could not (they die after this).
     """
-    from OpenSSL._util import ffi
+    from OpenSSL._util import ffi, lib
 
     ctx = ffi.cast("SSL_CTX *", ctx_address)
     res.get("SSL_CTX_sess_set_new_cb")(ctx, ffi.NULL)
     res.get("SSL_CTX_sess_set_get_cb")(ctx, ffi.NULL)
     res.get("SSL_CTX_sess_set_remove_cb")(ctx, ffi.NULL)
+    lib.SSL_CTX_set_info_callback(ctx, ffi.NULL)
 
 
-def _default_session_id_context(ctx: SSL.Context) -> bytes:
+def _wrap_set_info_callback(ctx: SSL.Context, state: _State) -> None:
+    """Make a later ``ctx.set_info_callback(cb)`` chain ``cb`` behind ours, not replace it.
+
+    pyOpenSSL's method still runs (its checks, its cffi object); then ours takes the
+    ``SSL_CTX`` back and calls ``cb`` after itself. Only this Context instance is changed.
+    """
+    method = type(ctx).set_info_callback
+    ref = weakref.ref(ctx)  # no cycle: the Context stays collectable
+
+    @functools.wraps(method)
+    def set_info_callback(callback: Callable[[SSL.Connection, int, int], None]) -> None:
+        target = ref()
+        if target is None:
+            return
+        old = getattr(target, "_info_callback", None)
+        method(target, callback)
+        if old is not None:
+            state.hook.retired.append(old)
+        state.hook.take_over(target._context)
+
+    ctx.set_info_callback = set_info_callback  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- context checks
+
+
+def _encode(*fields: bytes) -> bytes:
+    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
+
+
+def default_session_id_context(ctx: SSL.Context) -> bytes:
+    """The session id context ``install_callbacks`` sets when none is given (32 bytes).
+
+    A sha256 over ``DEFAULT_SESSION_ID_CONTEXT``, the certificate last loaded into ``ctx``
+    (DER), the client CA names it accepts (``set_client_ca_list``/``add_client_ca``, DER,
+    sorted) and its verify mode. Raises ``ConfigurationError`` if no certificate is loaded.
+    The trust store (``load_verify_locations``) is not part of it: services that differ only
+    there must pass their own ``session_id_context``.
+    """
+    from OpenSSL._util import ffi, lib
+
+    lib = getattr(lib, "_original_lib", lib)
+    res = resolve()
+    raw = ctx._context
+    cert = res.get("SSL_CTX_get0_certificate")(raw)
+    if cert == ffi.NULL:
+        raise ConfigurationError(
+            "the Context has no certificate yet: load the certificate before installing "
+            "the session cache, or pass session_id_context explicitly"
+        )
+    i2d_x509 = res.get("i2d_X509")
+    size = i2d_x509(cert, ffi.NULL)
+    if size <= 0:
+        lib.ERR_clear_error()
+        raise ConfigurationError("the Context's certificate cannot be encoded")
+    buf = ffi.new("unsigned char[]", size)
+    i2d_x509(cert, ffi.new("unsigned char **", buf))
+    names: list[bytes] = []
+    stack = res.get("SSL_CTX_get_client_CA_list")(raw)
+    if stack != ffi.NULL:
+        for i in range(lib.sk_X509_NAME_num(stack)):
+            name = lib.sk_X509_NAME_value(stack, i)
+            out = ffi.new("unsigned char **")
+            n = lib.i2d_X509_NAME(name, out)
+            if n <= 0:
+                lib.ERR_clear_error()
+                raise ConfigurationError("a client CA name of the Context cannot be encoded")
+            try:
+                names.append(ffi.buffer(out[0], n)[:])
+            finally:
+                lib.OPENSSL_free(out[0])
     mode = ctx.get_verify_mode()
-    return hashlib.sha256(DEFAULT_SESSION_ID_CONTEXT + b"/verify=%d" % mode).digest()
+    return hashlib.sha256(
+        _encode(
+            DEFAULT_SESSION_ID_CONTEXT,
+            ffi.buffer(buf, size)[:],
+            struct.pack(">I", len(names)),
+            *sorted(names),
+            struct.pack(">i", mode),
+        )
+    ).digest()
+
+
+@functools.cache
+def _used_flag_means_connection() -> bool:
+    """Whether ``Context._used`` is set only by making a Connection in this pyOpenSSL.
+
+    24.3 and 25.0 have no flag; 25.1's ``set_cipher_list`` sets it through a throwaway
+    Connection; later versions set it only in ``Connection()`` and ``set_context``.
+    """
+    probe = SSL.Context(SSL.TLS_SERVER_METHOD)
+    if not hasattr(probe, "_used"):
+        return False
+    probe.set_cipher_list(b"DEFAULT")
+    return not probe._used
+
+
+def _has_made_a_connection(ctx: SSL.Context) -> bool:
+    """True if a Connection was made from ``ctx`` (or is alive on it, where that is all
+    that can be told)."""
+    if _used_flag_means_connection() and getattr(ctx, "_used", False):
+        return True
+    mapping = getattr(SSL.Connection, "_reverse_mapping", None)
+    if mapping is None:
+        return False
+    return any(getattr(conn, "_context", None) is ctx for conn in list(mapping.values()))
 
 
 _install_lock = threading.Lock()
@@ -215,31 +507,39 @@ def install_callbacks(
     disable_internal_cache: bool = True,
     stateful_tls13_tickets: bool = True,
     num_tickets: int | None = None,
-) -> None:
+) -> bytes:
     """Make ``ctx`` keep its server sessions in ``handler`` (an external cache).
 
-    ``session_id_context`` must be identical on every server sharing the store (OpenSSL only
-    resumes sessions made under the same context, and silently caches nothing with client
-    verification and no context). OpenSSL cannot report a context set earlier, so one is
-    always set here: the given one, or a default derived from ``DEFAULT_SESSION_ID_CONTEXT``
-    and the verify mode (call this after ``set_verify``; pass the value again if you used
-    ``Context.set_session_id``). ``disable_internal_cache`` makes every resumption come from
-    the handler. ``stateful_tls13_tickets`` sets ``OP_NO_TICKET``: TLS 1.3 tickets then carry
-    ids looked up through the handler, TLS 1.2 resumes by session id. ``num_tickets`` sets
-    how many TLS 1.3 tickets a handshake issues (OpenSSL's default is 2).
+    Returns the session id context set on ``ctx``, which every handler call also carries.
+    It must be identical on every server sharing the store (OpenSSL only resumes sessions
+    made under the same context, and silently caches nothing with client verification and
+    no context). OpenSSL cannot report a context set earlier, so one is always set here:
+    the given one, or ``default_session_id_context(ctx)``, derived from the certificate,
+    the client CA names and the verify mode (call this after loading the certificate and
+    after ``set_verify``; ``ConfigurationError`` if no certificate is loaded yet).
+    ``disable_internal_cache`` makes every resumption come from the handler.
+    ``stateful_tls13_tickets`` sets ``OP_NO_TICKET``: TLS 1.3 tickets then carry ids looked
+    up through the handler, TLS 1.2 resumes by session id. ``num_tickets`` sets how many TLS
+    1.3 tickets a handshake issues (OpenSSL's default is 2).
 
-    Raises ``ResolverError`` if the OpenSSL functions cannot be verified, and
-    ``ConfigurationError`` for bad arguments. Calling it again replaces the handler.
+    An info callback reports fatal alerts to ``handler.on_fatal_alert``. A callback set
+    with ``ctx.set_info_callback`` before or after this call keeps being called, after ours
+    (this Context's ``set_info_callback`` is wrapped to chain it); one set per connection
+    with ``Connection.set_info_callback`` replaces ours for that connection.
+
+    Must run before a Connection is made from ``ctx``. Raises ``ResolverError`` if the
+    OpenSSL functions cannot be verified, and ``ConfigurationError`` for bad arguments.
+    Calling it again replaces the handler.
     """
     if not isinstance(ctx, SSL.Context):
         raise ConfigurationError("ctx must be an OpenSSL.SSL.Context")
-    if getattr(ctx, "_used", False):  # pyOpenSSL freezes a Context once it made a Connection
+    if _has_made_a_connection(ctx):  # its SSLs copied the settings we are about to change
         raise ConfigurationError("install_callbacks must run before ctx makes any Connection")
-    for name in ("on_new", "on_get", "on_remove"):
+    for name in ("on_new", "on_get", "on_remove", "on_fatal_alert"):
         if not callable(getattr(handler, name, None)):
             raise ConfigurationError(f"handler has no callable {name}()")
     if session_id_context is None:
-        session_id_context = _default_session_id_context(ctx)
+        session_id_context = default_session_id_context(ctx)
     if not isinstance(session_id_context, bytes) or not (
         1 <= len(session_id_context) <= _MAX_SID_CTX_LENGTH
     ):
@@ -255,36 +555,45 @@ def install_callbacks(
     set_remove = res.get("SSL_CTX_sess_set_remove_cb")
     set_num_tickets = res.get("SSL_CTX_set_num_tickets") if num_tickets is not None else None
 
-    from OpenSSL._util import ffi
+    from OpenSSL._util import ffi, lib
 
-    installed = _make_callbacks(res, handler)
+    installed = _make_callbacks(res, handler, session_id_context)
     raw = ctx._context
     with _install_lock:
-        ctx.set_session_id(session_id_context)
+        # The bindings directly, not the Context's setters: pyOpenSSL 25.1 counts its own
+        # throwaway Connection (set_cipher_list) as use and would warn.
+        sid_ctx = ffi.new("unsigned char[]", session_id_context)
+        if lib.SSL_CTX_set_session_id_context(raw, sid_ctx, len(session_id_context)) != 1:
+            lib.ERR_clear_error()
+            raise ConfigurationError("SSL_CTX_set_session_id_context failed")
         mode = _SESS_CACHE_SERVER | (_SESS_CACHE_NO_INTERNAL if disable_internal_cache else 0)
-        ctx.set_session_cache_mode(mode)
+        lib.SSL_CTX_set_session_cache_mode(raw, mode)
         if stateful_tls13_tickets:
-            ctx.set_options(SSL.OP_NO_TICKET)
+            lib.SSL_CTX_set_options(raw, SSL.OP_NO_TICKET)
         if set_num_tickets is not None and set_num_tickets(raw, num_tickets) != 1:
             raise ConfigurationError(f"SSL_CTX_set_num_tickets({num_tickets}) failed")
 
         # Keep every callback set ever installed alive with the Context (a handshake on
         # another thread may be inside an older one), and register the teardown once.
-        keep: list[_Installed] | None = getattr(ctx, _ATTR, None)
-        if keep is None:
-            keep = []
+        state: _State | None = getattr(ctx, _ATTR, None)
+        if state is None:
+            state = _State(_AlertHook(res, handler, session_id_context))
             address = int(ffi.cast("uintptr_t", raw))
             try:
-                setattr(ctx, _ATTR, keep)
+                setattr(ctx, _ATTR, state)
                 # The finalizer runs before the Context's attributes are cleared, so the
                 # callbacks are still alive while they are unregistered.
                 weakref.finalize(ctx, _unregister, address, res, None)
+                _wrap_set_info_callback(ctx, state)
             except AttributeError:  # a Context without __dict__: the finalizer owns them
-                weakref.finalize(ctx, _unregister, address, res, keep)
-        keep.append(installed)
+                weakref.finalize(ctx, _unregister, address, res, state)
+        state.hook.handler, state.hook.context = handler, session_id_context
+        state.installed.append(installed)
         set_new(raw, installed.new_cb)
         set_get(raw, installed.get_cb)
         set_remove(raw, installed.remove_cb)
+        state.hook.take_over(raw)
+    return session_id_context
 
 
 def session_id(conn: SSL.Connection) -> bytes | None:

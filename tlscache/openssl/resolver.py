@@ -20,6 +20,9 @@ not own. Three sources are tried, best first:
     all anchors and match the mapping in ``/proc/self/maps``; each stub's jump target must be
     bias + the ``.symtab`` value of ``X``; the GNU build-id in the mapped image must equal the
     file's; and the first bytes of every resolved function in memory must equal the file's.
+    Before any of that, the file's sha256 must equal the one recorded for it in the RECORD of
+    the installed ``cryptography`` wheel: ``.symtab`` names are only trusted in the very file
+    the wheel shipped (a rebuilt or edited binary could name any function anything).
 
 Nothing found is called before every check passed. Memory is only read inside readable
 mappings of the binding's own file, so a wrong guess raises ``ResolverError`` instead of
@@ -33,16 +36,18 @@ and lose that checking.
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import hashlib
 import os
 import platform
 import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from tlscache.exceptions import ResolverError
 
@@ -73,6 +78,11 @@ SIGNATURES: Mapping[str, str] = {
     "i2d_SSL_SESSION": "int (*)(const SSL_SESSION *, unsigned char **)",
     "d2i_SSL_SESSION": "SSL_SESSION *(*)(SSL_SESSION **, const unsigned char **, long)",
     "SSL_get_SSL_CTX": "SSL_CTX *(*)(const SSL *)",
+    "SSL_CTX_get0_certificate": "X509 *(*)(const SSL_CTX *)",
+    "SSL_CTX_get_client_CA_list": "Cryptography_STACK_OF_X509_NAME *(*)(const SSL_CTX *)",
+    "SSL_CTX_get_info_callback": "void (*(*)(const SSL_CTX *))(const SSL *, int, int)",
+    "i2d_X509": "int (*)(X509 *, unsigned char **)",
+    "ERR_peek_last_error": "unsigned long (*)(void)",
 }
 
 #: Without these the callbacks cannot work: resolution fails if one is missing.
@@ -84,6 +94,11 @@ REQUIRED: tuple[str, ...] = (
     "SSL_SESSION_get_timeout",
     "i2d_SSL_SESSION",
     "d2i_SSL_SESSION",
+    "SSL_CTX_get0_certificate",
+    "SSL_CTX_get_client_CA_list",
+    "SSL_CTX_get_info_callback",
+    "i2d_X509",
+    "ERR_peek_last_error",
 )
 
 #: Nice to have; absent (e.g. ``SSL_CTX_set_num_tickets`` before OpenSSL 1.1.1) means ``None``.
@@ -343,9 +358,15 @@ class _Symbol:
 
 
 class _ElfFile:
-    """The parts of the binding's ELF file the checks need (pyelftools + a fast symtab scan)."""
+    """The parts of the binding's ELF file the checks need (pyelftools + a fast symtab scan).
 
-    def __init__(self, path: str, machine: int) -> None:
+    ``verify`` sees the open file before anything is parsed (the RECORD check), so that the
+    bytes verified are the bytes read, even if the path is replaced meanwhile.
+    """
+
+    def __init__(
+        self, path: str, machine: int, verify: Callable[[BinaryIO], None] | None = None
+    ) -> None:
         try:
             from elftools.common.exceptions import ELFError
             from elftools.elf.elffile import ELFFile
@@ -357,6 +378,8 @@ class _ElfFile:
         except OSError as e:
             raise ResolverError(f"cannot open {path}: {e}") from None
         try:
+            if verify is not None:
+                verify(self._f)
             elf = ELFFile(self._f)
             if elf.elfclass != 64 or not elf.little_endian:
                 raise ResolverError(f"{path}: not a 64-bit little-endian ELF file")
@@ -473,6 +496,74 @@ def _memory_build_id(image: _Image, bias: int) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- RECORD
+
+_DIGEST_CACHE_SIZE = 8
+_digest_lock = threading.Lock()
+_digests: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _file_sha256(path: str, f: BinaryIO) -> str:
+    """The sha256 (hex) of an open file, computed once per (path, inode, size, mtime)."""
+    st = os.fstat(f.fileno())
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _digest_lock:
+        digest = _digests.get(key)
+    if digest is None:
+        f.seek(0)
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        digest = h.hexdigest()
+        f.seek(0)
+        with _digest_lock:
+            if len(_digests) >= _DIGEST_CACHE_SIZE:
+                _digests.clear()
+            _digests[key] = digest
+    return digest
+
+
+def _recorded_sha256(loaded_path: str) -> str:
+    """The sha256 (hex) that the RECORD of the installed ``cryptography`` gives the binding."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("cryptography")
+    except metadata.PackageNotFoundError:
+        raise ResolverError(
+            "cryptography has no installed distribution metadata: cannot verify "
+            f"{loaded_path} against a RECORD"
+        ) from None
+    files = dist.files
+    if files is None:
+        raise ResolverError(
+            f"cryptography {dist.version} was installed without a RECORD: "
+            f"cannot verify {loaded_path}"
+        )
+    target = os.path.realpath(loaded_path)
+    name = os.path.basename(target)
+    for entry in files:
+        if entry.name != name or os.path.realpath(str(entry.locate())) != target:
+            continue
+        if entry.hash is None or entry.hash.mode != "sha256":
+            raise ResolverError(f"cryptography's RECORD lists {entry} without a sha256")
+        value = entry.hash.value
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+    raise ResolverError(f"{loaded_path} is not listed in the RECORD of cryptography {dist.version}")
+
+
+def _check_record(f: BinaryIO, path: str, loaded_path: str, checks: list[str]) -> None:
+    """Refuse unless ``path`` (open as ``f``) is the file the wheel installed as the binding."""
+    expected = _recorded_sha256(loaded_path)
+    actual = _file_sha256(path, f)
+    if actual != expected:
+        raise ResolverError(
+            f"{path}: sha256 {actual[:16]}... differs from cryptography's RECORD "
+            f"({expected[:16]}...): the file is not the one the wheel installed"
+        )
+    checks.append(f"{path}: sha256 matches cryptography's RECORD")
+
+
 # --------------------------------------------------------------------------- strategies
 
 
@@ -539,10 +630,14 @@ def _via_symtab(
     elf_path: str,
     checks: list[str],
 ) -> tuple[dict[str, int], int, str]:
-    """Statically linked binding: ``.symtab`` + load bias, with every cross-check."""
+    """Statically linked binding: ``.symtab`` + load bias, with every cross-check.
+
+    ``elf_path`` must hash to the RECORD entry of the loaded binding (``image.path``).
+    """
     names = list(names)
     anchors = {n: a for n, a in stubs.items() if n in ANCHORS}
-    elf = _ElfFile(elf_path, machine)
+    loaded = image.path.removesuffix(" (deleted)")
+    elf = _ElfFile(elf_path, machine, lambda f: _check_record(f, elf_path, loaded, checks))
     try:
         syms = elf.functions([*names, *anchors, *(f"_cffi_d_{n}" for n in anchors)])
 

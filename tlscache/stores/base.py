@@ -1,8 +1,9 @@
 """The contract between the session cache and a storage backend.
 
 The cache only ever calls these few methods, each with a :class:`~tlscache.deadline.Deadline`,
-so any backend (in-process dict, distcache) and any wrapper (sealing, metrics, tracing) can be
-slotted in without touching the OpenSSL callbacks.
+so any backend (in-process dict, distcache) and any wrapper (metrics, tracing) can be slotted in
+without touching the OpenSSL callbacks. A store is untrusted storage: with a key ring the cache
+hands it only keyed hashes of session ids and sealed values (see ``docs/security.md``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class SessionStore(ABC):
 
     #: True if :meth:`take` is an atomic get-and-delete (needed for single-use tickets).
     supports_take: bool = False
+    #: True if only this process can reach what the store holds. A store that other
+    #: processes or hosts reach must be given sealed values: ``SessionCache.install``
+    #: refuses to store unsealed sessions in it without an explicit opt-in.
+    in_process: bool = False
 
     @abstractmethod
     def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
@@ -75,14 +80,14 @@ class SessionStore(ABC):
 class WrappingStore(SessionStore):
     """A store that forwards every call to ``inner``: the base for wrappers.
 
-    A wrapper (e.g. one that encrypts and authenticates values, or one that
-    counts calls) overrides only what it changes; ``supports_take`` follows the
-    inner store's.
+    A wrapper (e.g. one that counts calls) overrides only what it changes;
+    ``supports_take`` and ``in_process`` follow the inner store's.
     """
 
     def __init__(self, inner: SessionStore) -> None:
         self.inner = inner
         self.supports_take = inner.supports_take
+        self.in_process = inner.in_process
 
     def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
         self.inner.store(session_id, value, ttl_s, deadline)

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
 from tlscache.deadline import Deadline
 from tlscache.exceptions import ConfigurationError, StoreError
+from tlscache.forksafe import repair_after_fork
 
 from .base import SessionStore
 
 __all__ = ["MemoryStore"]
-
-_stores: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
-
-
-def _reinit_after_fork() -> None:
-    for store in list(_stores):
-        store._lock = threading.Lock()  # another thread may have held it at fork time
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 class MemoryStore(SessionStore):
@@ -41,6 +29,7 @@ class MemoryStore(SessionStore):
     """
 
     supports_take = True
+    in_process = True  # nothing outside this process reaches it: sealing is optional
 
     def __init__(
         self, max_entries: int = 20_000, *, clock: Callable[[], float] = time.monotonic
@@ -52,7 +41,10 @@ class MemoryStore(SessionStore):
         self._lock = threading.Lock()
         self._data: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._closed = False
-        _stores.add(self)
+        repair_after_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # another thread may have held it at fork time
 
     def __len__(self) -> int:
         with self._lock:
