@@ -589,6 +589,7 @@ def test_default_session_id_context_is_shared_and_follows_verify_mode(
     h = DictHandler()
     a, b, strict = server_context(leaf), server_context(leaf), server_context(leaf)
     strict.set_verify(SSL.VERIFY_PEER, None)
+    with_client_cas(strict, ca)
     for ctx in (a, b, strict):
         install_callbacks(ctx, h)
     cctx = client_context(ca, TLS12)
@@ -621,6 +622,20 @@ def test_default_session_id_context_follows_the_certificate(ca: trustme.CA) -> N
     assert default_session_id_context(server_context(leaf_a)) != default_session_id_context(
         server_context(leaf_b)
     )
+
+
+def test_default_session_id_context_refuses_unnamed_client_cas(
+    ca: trustme.CA, leaf: trustme.LeafCert
+) -> None:
+    """Verifying clients against a trust store alone could share sessions across services."""
+    ctx = server_context(leaf)
+    ctx.set_verify(SSL.VERIFY_PEER, None)
+    with pytest.raises(ConfigurationError, match="names no client CAs"):
+        install_callbacks(ctx, DictHandler())
+    assert install_callbacks(ctx, DictHandler(), session_id_context=b"svc") == b"svc"
+    named = with_client_cas(server_context(leaf), ca)
+    named.set_verify(SSL.VERIFY_PEER, None)
+    assert len(install_callbacks(named, DictHandler())) == 32
 
 
 def test_default_session_id_context_needs_a_certificate() -> None:

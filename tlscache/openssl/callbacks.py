@@ -424,8 +424,9 @@ def default_session_id_context(ctx: SSL.Context) -> bytes:
     A sha256 over ``DEFAULT_SESSION_ID_CONTEXT``, the certificate last loaded into ``ctx``
     (DER), the client CA names it accepts (``set_client_ca_list``/``add_client_ca``, DER,
     sorted) and its verify mode. Raises ``ConfigurationError`` if no certificate is loaded.
-    The trust store (``load_verify_locations``) is not part of it: services that differ only
-    there must pass their own ``session_id_context``.
+    The trust store (``load_verify_locations``) is not part of it, so a Context that
+    verifies client certificates without naming its client CAs is refused: it could share
+    sessions with a service that trusts other CAs.
     """
     from OpenSSL._util import ffi, lib
 
@@ -460,6 +461,14 @@ def default_session_id_context(ctx: SSL.Context) -> bytes:
             finally:
                 lib.OPENSSL_free(out[0])
     mode = ctx.get_verify_mode()
+    if mode & SSL.VERIFY_PEER and not names:
+        # Which clients it trusts would then live only in the trust store, which is not
+        # part of the hash: two services trusting different CAs would share sessions.
+        raise ConfigurationError(
+            "the Context verifies client certificates but names no client CAs: call "
+            "load_client_ca()/set_client_ca_list() with the CAs it accepts, or pass "
+            "session_id_context explicitly (the same on every server of the service)"
+        )
     return hashlib.sha256(
         _encode(
             DEFAULT_SESSION_ID_CONTEXT,
