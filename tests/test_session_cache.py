@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from pprint import pformat
 
 import pytest
 from OpenSSL import SSL
@@ -24,8 +25,9 @@ from tlscache.exceptions import (
 )
 from tlscache.keyring import KeyRing, KeyRingFile
 from tlscache.sealing import SEAL_OVERHEAD, Sealer
-from tlscache.session_cache import LATENCY_BUCKETS_MS, CircuitBreaker
+from tlscache.session_cache import LATENCY_BUCKETS_MS, CacheStats, CircuitBreaker
 from tlscache.stores import MAX_VALUE_LEN
+from tlscache.stores.base import WriteStatus
 
 DER = b"\x30\x81\x83" + b"s" * 131  # shaped like an i2d_SSL_SESSION value
 SID = b"\x07" * 32
@@ -1157,3 +1159,62 @@ def test_a_sealed_value_swapped_into_a_victims_entry_does_not_resume() -> None:
     store.store(victim_key, attacker_value, 300, soon())
     assert not handshake_over_memory(ctx, cctx, victim)[0]
     assert cache.stats().sealed_tampered == 1
+
+
+def expect(ok: bool, s: CacheStats) -> None:
+    """Fail showing every counter (pytest would shorten an assertion's message)."""
+    if not ok:
+        pytest.fail("counters:\n" + pformat(s.as_dict(), width=100))
+
+
+class PipeliningStore(FlakyStore):
+    """Writes are sent, never confirmed (``WriteStatus.SENT``), as a pipelining store's are
+    while its server is stopped; lookups fail when the mode says so."""
+
+    def store(
+        self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline
+    ) -> WriteStatus:
+        self.calls += 1
+        self.inner.store(session_id, value, ttl_s, deadline)
+        return WriteStatus.SENT
+
+
+def test_a_sent_write_is_neither_a_success_nor_a_failure() -> None:
+    """TLS 1.3 order against a stalled store: a lookup that fails, then two sent tickets."""
+    store = PipeliningStore()
+    store.mode = "timeout"
+    cache = SessionCache(store, breaker_threshold=3, breaker_reset_s=60, clock=Clock())
+    for _ in range(10):
+        assert cache.on_get(CTX, SID) is None
+        cache.on_new(CTX, SID, DER, 300)
+        cache.on_new(CTX, SID, DER, 300)
+    s = cache.stats()
+    expect(s.breaker_opens == 1 and s.breaker_state == "open", s)
+    expect(s.timeouts == 3 and s.skipped == 7, s)
+    expect(s.stores == 4 and s.writes_skipped == 16, s)  # a sent write counts as sent
+
+
+def test_a_probe_that_is_only_sent_hands_its_turn_to_the_next_call() -> None:
+    clock = Clock()
+    store = PipeliningStore()
+    store.mode = "error"
+    cache = SessionCache(store, breaker_threshold=1, breaker_reset_s=5, clock=clock)
+    cache.on_get(CTX, SID)
+    assert cache.stats().breaker_state == "open"
+    store.mode = "ok"
+    clock.now += 5.1
+    cache.on_new(CTX, SID, DER, 300)  # the probe: sent, no verdict
+    s = cache.stats()
+    expect(s.stores == 1 and s.breaker_state == "half_open", s)
+    assert cache.on_get(CTX, SID) == DER  # the next call probes at once, and closes it
+    s = cache.stats()
+    expect(s.breaker_state == "closed" and s.skipped == 0, s)
+
+
+def test_undecided_leaves_a_closed_breaker_alone() -> None:
+    breaker = CircuitBreaker(3, 1.0)
+    for _ in range(2):
+        breaker.failure()
+        breaker.undecided()
+    breaker.failure()
+    assert breaker.state is BreakerState.OPEN

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import gc
 import logging
 import os
 import threading
@@ -48,7 +49,7 @@ from tlscache.forksafe import repair_after_fork
 from tlscache.keyring import KeyRing, KeyRingFile
 from tlscache.latency import histogram_quantile
 from tlscache.sealing import SEAL_OVERHEAD, Sealer
-from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore
+from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore, WriteStatus
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -99,8 +100,9 @@ class CircuitBreaker:
 
     After ``threshold`` consecutive failures it opens; ``reset_s`` later the next
     caller becomes the probe: its success closes the breaker, its failure opens
-    it for another ``reset_s``. While open, :meth:`allow` is a lock and a clock
-    read, so skipping costs microseconds.
+    it for another ``reset_s``, and a call that proves nothing (:meth:`undecided`:
+    a write sent without an answer) neither counts nor holds the probe's turn.
+    While open, :meth:`allow` is a lock and a clock read, so skipping costs microseconds.
     """
 
     def __init__(self, threshold: int, reset_s: float, *, clock: Clock = time.monotonic) -> None:
@@ -155,6 +157,19 @@ class CircuitBreaker:
                 log.info("session store recovered; circuit breaker closed")
             self._state = BreakerState.CLOSED
             self._failures = 0
+
+    def undecided(self) -> None:
+        """A store call that proves nothing either way (a write sent, no answer yet).
+
+        Neither a success (a stopped server's socket buffer takes writes too) nor a
+        failure. A probe that comes to this hands its turn to the next call at once,
+        so that recovery is not held up for another period by a write.
+        """
+        if self._state is not BreakerState.HALF_OPEN:
+            return
+        with self._lock:
+            if self._state is BreakerState.HALF_OPEN:
+                self._next_probe = Deadline(0.0, self._clock)
 
     def failure(self) -> None:
         with self._lock:
@@ -325,6 +340,22 @@ def _as_bytes(value: object) -> bytes | None:
     return b""
 
 
+_gc = threading.local()
+
+
+def _note_collection(phase: str, info: dict[str, int]) -> None:
+    _gc.collecting = phase == "start"
+
+
+gc.callbacks.append(_note_collection)
+
+
+def _in_collection() -> bool:
+    """Whether this thread is inside a garbage collection (which may have started at any
+    allocation, with any lock of this process held by this very thread)."""
+    return getattr(_gc, "collecting", False)
+
+
 #: A queued write: (store key, value to store or None to delete, ttl, the session's DER for
 #: answering lookups while the write is queued, or None).
 _Write = tuple[bytes, bytes | None, float, bytes | None]
@@ -432,6 +463,11 @@ class SessionCache:
         self._idle = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        # Work of callbacks that could not take a lock: counter increments, and deletes
+        # asked for inside a garbage collection. Append-only from the callbacks (atomic,
+        # no lock); drained by stats() and by the next lookup or write.
+        self._deferred_counts: deque[tuple[str, int]] = deque()
+        self._deferred_deletes: deque[tuple[bytes, bytes]] = deque()
         repair_after_fork(self)
 
     @property
@@ -489,6 +525,8 @@ class SessionCache:
     def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
         """OpenSSL negotiated a session: store it (now, or via the writer thread)."""
         try:
+            if self._deferred_deletes:
+                self._run_deferred_deletes()
             if not 0 < len(session_id) <= MAX_ID_LEN or not 0 < len(der) <= self._max_der:
                 self._count_dropped_write()
                 return
@@ -514,6 +552,8 @@ class SessionCache:
     def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
         """A client offers ``session_id``: its DER from the store, or None for a full handshake."""
         try:
+            if self._deferred_deletes:
+                self._run_deferred_deletes()
             sealer = self.sealer
             if sealer is None:
                 return self._lookup(bytes(session_id), None)
@@ -524,11 +564,17 @@ class SessionCache:
             return None
 
     def on_remove(self, context: bytes, session_id: bytes) -> None:
-        """OpenSSL drops a session: deleted from the store only with ``remove_policy="delete"``."""
+        """OpenSSL drops a session: deleted from the store only with ``remove_policy="delete"``.
+
+        OpenSSL calls this when it frees a connection, which the garbage collector may do
+        at any allocation: inside this cache's locked regions, a store's, or the
+        breaker's, on this very thread. So it never waits for a lock (see
+        :meth:`_count_nowait`), and inside a collection it only notes the delete, which
+        the next lookup or write (or :meth:`stats`, :meth:`flush`) carries out.
+        """
         try:
             if self.remove_policy != "delete":
-                with self._lock:
-                    self._counts.removes_ignored += 1
+                self._count_nowait("removes_ignored", 1)
                 return
             self._delete(context, session_id)
         except Exception as exc:  # pragma: no cover - defensive
@@ -543,11 +589,9 @@ class SessionCache:
             if not ids:
                 return
             if self.remove_policy == "ignore":
-                with self._lock:
-                    self._counts.removes_ignored += len(ids)
+                self._count_nowait("removes_ignored", len(ids))
                 return
-            with self._lock:
-                self._counts.alerts_invalidated += len(ids)
+            self._count_nowait("alerts_invalidated", len(ids))
             for session_id in ids:
                 self._delete(context, session_id)
         except Exception as exc:  # pragma: no cover - defensive
@@ -557,15 +601,50 @@ class SessionCache:
         """Delete one session from the store, by the key it was stored under."""
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return
+        if _in_collection():
+            # A store call here could wait on a lock this thread holds (the store's, the
+            # breaker's, this cache's): do it at the next safe point instead.
+            self._deferred_deletes.append((bytes(context), bytes(session_id)))
+            return
         sealer = self.sealer
         key = bytes(session_id) if sealer is None else sealer.lookup_key(bytes(context), session_id)
         if self._closed:
-            with self._lock:
-                self._counts.remove_errors += 1
+            self._count_nowait("remove_errors", 1)
         elif self.async_writes:
             self._enqueue((key, None, 0.0, None))
         else:
             self._write(key, None, 0.0)
+
+    def _count_nowait(self, counter: str, n: int) -> None:
+        """Add ``n`` to ``counter`` without ever waiting for the lock.
+
+        Callbacks OpenSSL may make from a garbage collection use this: the collection
+        may have started at an allocation inside a region that holds this lock on this
+        thread (``stats()``, counting a lookup), and waiting would hang the process.
+        When the lock is taken, the increment goes to an append-only deque (atomic, no
+        lock) that :meth:`stats` adds in. Non-blocking acquisition was chosen over
+        keeping every locked region free of allocations: that cannot be kept true of
+        every future edit, nor of the stores' own locks.
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                setattr(self._counts, counter, getattr(self._counts, counter) + n)
+            finally:
+                self._lock.release()
+        else:
+            self._deferred_counts.append((counter, n))
+
+    def _run_deferred_deletes(self) -> None:
+        """Carry out the deletes OpenSSL asked for inside a garbage collection."""
+        if _in_collection():
+            return
+        deferred = self._deferred_deletes
+        while True:
+            try:
+                context, session_id = deferred.popleft()
+            except IndexError:
+                return
+            self._delete(context, session_id)
 
     # ------------------------------------------------------------ lookups
 
@@ -666,11 +745,12 @@ class SessionCache:
         budget = self._write_budget_s
         start = clock()
         deadline = Deadline(start + budget, clock)
+        status: WriteStatus | None = None
         try:
             if value is None:
                 self.store.delete(key, deadline)
             else:
-                self.store.store(key, value, ttl, deadline)
+                status = self.store.store(key, value, ttl, deadline)
         except StoreTimeout:
             self.breaker.failure()
             self._count_write(deleting, done=False, timed_out=True)
@@ -687,7 +767,12 @@ class SessionCache:
             self.breaker.failure()
             self._count_write(deleting, done=True, timed_out=True)
             return
-        self.breaker.success()
+        if status is WriteStatus.SENT:
+            # Only an answer from the store is a success: a pipelined write that only
+            # reached the kernel would otherwise reset the failures of a stalled store.
+            self.breaker.undecided()
+        else:
+            self.breaker.success()
         self._count_write(deleting, done=True)
 
     def _count_write(self, deleting: bool, *, done: bool, timed_out: bool = False) -> None:
@@ -795,6 +880,8 @@ class SessionCache:
 
     def flush(self, timeout_s: float = 1.0) -> bool:
         """Wait until every queued write is done; False if ``timeout_s`` passed first."""
+        if self._deferred_deletes:
+            self._run_deferred_deletes()
         if self._pid != os.getpid():
             return True
         with self._idle:
@@ -803,6 +890,8 @@ class SessionCache:
     def close(self, timeout_s: float = 1.0) -> None:
         """Finish queued writes (up to ``timeout_s``) and stop the writer; later writes are
         dropped (``writes_dropped``), lookups still work. The store stays open."""
+        if self._deferred_deletes:
+            self._run_deferred_deletes()
         self._closed = True
         writer = self._writer
         if writer is None or self._pid != os.getpid():
@@ -818,7 +907,13 @@ class SessionCache:
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters; cheap enough to poll every second."""
+        if self._deferred_deletes:
+            self._run_deferred_deletes()
         with self._lock:
+            deferred = self._deferred_counts
+            while deferred:
+                counter, n = deferred.popleft()
+                setattr(self._counts, counter, getattr(self._counts, counter) + n)
             c = replace(self._counts)
             hist = tuple(self._hist)
             max_ms = self._max_ms

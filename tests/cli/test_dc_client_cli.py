@@ -88,6 +88,12 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
         "-killable",
         "--request-timeout",
         "--max-in-flight",
+        "--max-clients",
+        "--evict-idle",
+        "--client-in-flight",
+        "--client-output-budget",
+        "--write-stall-timeout",
+        "--max-buffered",
         "--loop",
     ):
         assert switch in help_text
@@ -98,6 +104,17 @@ def test_defaults() -> None:
     args = build_parser().parse_args(["-connect", "IP:127.0.0.1:9"])
     assert args.retry == 5000 and args.idle == 0 and args.listen is None
     assert args.max_in_flight == 512 and args.max_clients == 1024
+
+
+def test_hardening_defaults_are_documented_in_help() -> None:
+    args = build_parser().parse_args(["-connect", "IP:127.0.0.1:9"])
+    assert (args.client_in_flight, args.evict_idle) == (16, 1000)
+    assert (args.client_output_budget, args.write_stall_timeout) == (262144, 10000)
+    assert args.max_buffered == 32 * 1024 * 1024
+    help_text = " ".join(build_parser().format_help().split())
+    for default in ("(default 16)", "(default 1000)", "(default 262144)", "(default 10000)"):
+        assert default in help_text
+    assert "(default 33554432)" in help_text
 
 
 @pytest.mark.integration

@@ -42,6 +42,8 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["-listen", "IP:127.0.0.1:1", "-sockperms", "999"], "octal"),
         (["-listen", "IP:127.0.0.1:1", "--read-timeout", "x"], "seconds"),
         (["-listen", "IP:127.0.0.1:1", "--loop", "tokio"], "invalid choice"),
+        (["-listen", "IP:127.0.0.1:1", "--max-in-flight", "0"], "out of range"),
+        (["-listen", "IP:127.0.0.1:1", "--max-buffered", "x"], "not a decimal"),
         (["-listen", "IP:127.0.0.1:1", "-bogus"], "unrecognized arguments: -bogus"),
     ],
 )
@@ -71,6 +73,8 @@ def test_help(switch: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "-listen" in out and "-sessions" in out and "--read-timeout" in out
+    for option in ("--max-connections", "--max-in-flight", "--output-budget", "--max-buffered"):
+        assert option in out
 
 
 def have_works(address: str) -> bool:

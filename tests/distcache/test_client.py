@@ -303,6 +303,19 @@ def test_many_add_nowait_all_stored(dc_server_tcp: str, finish: str) -> None:
         assert all(check.get(sid) == sid * 10 for sid in sids)
 
 
+@pytest.mark.integration
+def test_add_nowait_replies_count_as_confirmed_once_read(dc_server_unix: str) -> None:
+    """A sent ADD proves nothing about the server; its reply, once read, does."""
+    with Client(dc_server_unix) as client:
+        client.add_nowait(SID, b"D" * 200, 60_000)
+        assert client.nowait_confirmed == 0  # sent, not answered as far as we know
+        assert client.have(SID) is True  # reads the owed reply first
+        assert (client.nowait_confirmed, client.nowait_failures) == (1, 0)
+        client.add_nowait(b"2" + SID, b"D" * 200, 60_000)
+        assert client.drain() is True
+        assert (client.nowait_confirmed, client.nowait_failures) == (2, 0)
+
+
 def test_owed_error_replies_do_not_break_the_next_call() -> None:
     answers = {Operation.ADD: b"\x66", Operation.HAVE: b"\x00", Operation.GET: b"\x01"}
     with fake_peer(lambda m: reply(m, answers[m.operation])) as address, Client(address) as client:

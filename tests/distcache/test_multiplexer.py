@@ -9,14 +9,19 @@ import pytest
 
 from tests.procs import VECTORS
 from tlscache.distcache.multiplexer import (
+    LOG_BURST,
+    LOG_INTERVAL,
     BadInput,
+    ClientEvicted,
     ClientIdle,
     ClientRejected,
     ConnectUpstream,
+    Eviction,
     LocalClient,
     Multiplexer,
     Output,
     ResetUpstream,
+    Suppressed,
     Upstream,
     UpstreamLost,
     UpstreamRestored,
@@ -32,7 +37,9 @@ from tlscache.distcache.protocol import (
     encode_message,
     encode_response,
     encode_result,
+    parse_add_request,
 )
+from tlscache.exceptions import ProtocolError
 
 DC_CLIENT = json.loads(VECTORS.read_text())["dc_client"]
 
@@ -63,7 +70,7 @@ class Harness:
                 self.connects += 1
             elif isinstance(event, ResetUpstream):
                 self.resets += 1
-            elif isinstance(event, BadInput | ClientIdle):
+            elif isinstance(event, BadInput | ClientIdle | ClientEvicted):
                 self.closed.append(event.client)
         self.upstream += out.upstream
         for name, data in out.writes:
@@ -484,3 +491,191 @@ def test_local_client_backlog_counts_unanswered_requests() -> None:
     assert client.backlog == 1
     h.answer_all()
     assert client.backlog == 0
+
+
+# ---------------------------------------------------------------- hardening
+
+
+def add_frame(uid: int, payload: bytes) -> bytes:
+    return encode_message(False, uid, Operation.ADD, payload)
+
+
+def test_short_add_is_refused_locally_and_never_forwarded() -> None:
+    """dc_server closes the shared connection for an ADD under 8 bytes: close the client."""
+    h = Harness()
+    h.start()
+    h.connect("good")
+    h.connect("bad")
+    h.send("good", encode_have(1, b"g"))
+    h.send("bad", encode_have(7, b"b") + add_frame(8, b"\x00\x00"))
+    assert h.closed == ["bad"]
+    forwarded = h.take_upstream()
+    assert [m.payload for m in forwarded] == [b"g", b"b"]  # the ADD never went upstream
+    h.reply(b"".join(encode_response(m.uid, m.operation, b"\x01") for m in forwarded))
+    assert [m.uid for m in h.take("good")] == [1]
+    assert "bad" not in h.to_client and h.core.stats.bad_requests == 1
+    assert h.core.state is Upstream.UP
+
+
+@pytest.mark.parametrize("size", range(14))
+def test_add_check_matches_the_servers_parser(size: int) -> None:
+    """Exactly the ADDs parse_add_request raises for are refused; refusals with a
+    result code (timeout, id range, corrupt) are the server's to answer."""
+    payload = (b"\xff" * 4 + b"\x00\x00\x00\x63" + b"x" * 8)[:size]
+    try:
+        parse_add_request(payload)
+        server_closes = False
+    except ProtocolError:
+        server_closes = True
+    h = Harness()
+    h.start()
+    h.connect("A")
+    h.send("A", add_frame(1, payload))
+    assert (h.closed == ["A"]) is server_closes
+    assert len(h.take_upstream()) == (0 if server_closes else 1)
+
+
+def test_short_add_with_no_server_closes_the_client_too() -> None:
+    h = Harness()
+    h.connect("A")
+    h.send("A", add_frame(1, b""))
+    assert h.closed == ["A"] and "A" not in h.to_client
+
+
+def test_a_greedy_client_gets_its_share_and_no_more() -> None:
+    h = Harness(max_in_flight=8, client_in_flight=4)
+    h.start()
+    greedy = h.connect("G")
+    h.connect("B")
+    h.send("G", b"".join(encode_have(i, b"g") for i in range(1000)))
+    assert h.core.in_flight == 4 and greedy.in_flight == 4
+    h.send("B", encode_have(1, b"b"))  # forwarded at once: G holds only its share
+    queued = Decoder(expect_response=False).feed(bytes(h.upstream))  # a look, not a take
+    assert [m.payload for m in queued] == [b"g"] * 4 + [b"b"]
+    answered = 0
+    while h.core.in_flight:
+        answered += h.answer_all()
+        assert greedy.in_flight <= 4
+    assert answered == 1001
+    assert [m.uid for m in h.take("G")] == list(range(1000))
+
+
+def test_scarce_slots_go_round_robin_one_request_per_client() -> None:
+    h = Harness(max_in_flight=3, client_in_flight=3)
+    h.start()
+    for name in "ABC":
+        h.connect(name)
+    h.send("A", b"".join(encode_have(i, b"a") for i in range(50)))
+    h.send("B", b"".join(encode_have(i, b"b") for i in range(50)))
+    h.send("C", b"".join(encode_have(i, b"c") for i in range(50)))
+    pending = h.take_upstream()
+    assert [m.payload for m in pending] == [b"a"] * 3  # A came first, slots were free
+    order: list[bytes] = []
+    for _ in range(3):
+        h.reply(b"".join(encode_response(m.uid, m.operation, b"\x01") for m in pending))
+        pending = h.take_upstream()
+        order += [m.payload for m in pending]
+    # Then one request per client per turn: A's pipeline does not starve B and C.
+    assert order == [b"a", b"b", b"c"] * 3
+
+
+def test_output_budget_blocks_forwarding_and_stalled_clients_are_evicted() -> None:
+    h = Harness(client_output_budget=1000, write_stall_ms=2000, request_timeout_ms=60_000)
+    h.start()
+    slow = h.connect("S")
+    h.connect("F")
+    h.core.client_output(slow, 5000, h.now)  # over budget: blocked
+    h.send("S", encode_have(1, b"s"))
+    h.send("F", encode_have(2, b"f"))
+    assert [m.payload for m in h.take_upstream()] == [b"f"]  # S is held back
+    assert h.core.next_deadline() == pytest.approx(h.now + 2.0)
+    h.core.client_output(slow, 200, h.now + 1)  # drained to a quarter: forwarded again
+    h.collect()
+    assert [m.payload for m in h.take_upstream()] == [b"s"]
+    h.core.client_output(slow, 5000, h.now + 1)
+    h.now += 3.1
+    h.tick()
+    out_events = h.core.drain().events
+    assert h.core.stats.stalled == 1 and h.core.clients == 1
+    assert h.core.buffered == 0
+    del out_events
+
+
+def test_stall_eviction_event_is_typed() -> None:
+    h = Harness(client_output_budget=1000, write_stall_ms=100)
+    h.start()
+    c = h.connect("S")
+    h.core.client_output(c, 2000, h.now)
+    h.now += 0.2
+    h.core.handle_timer(h.now)
+    [event] = h.core.drain().events
+    assert event == ClientEvicted("S", 1, Eviction.STALLED, True)
+
+
+def test_total_buffer_cap_closes_the_biggest_holders_first() -> None:
+    h = Harness(client_output_budget=1 << 20, max_buffered=100_000)
+    h.start()
+    a, b, c = h.connect("A"), h.connect("B"), h.connect("C")
+    h.core.client_output(a, 30_000, h.now)
+    h.core.client_output(b, 60_000, h.now)
+    assert h.core.buffered == 90_000
+    h.core.client_output(c, 20_000, h.now)  # 110 000 > cap: B (the most) goes
+    evicted = [e for e in h.core.drain().events if isinstance(e, ClientEvicted)]
+    assert [(e.client, e.cause) for e in evicted] == [("B", Eviction.OVER_BUFFER)]
+    assert h.core.buffered == 50_000 and h.core.clients == 2
+
+
+def test_at_max_clients_the_longest_idle_makes_room() -> None:
+    h = Harness(max_clients=3, evict_idle_ms=1000)
+    h.start()
+    h.connect("old")
+    h.now += 0.5
+    h.connect("older-but-busy")
+    h.send("older-but-busy", encode_have(1, b"x"))  # outstanding: never displaced
+    h.connect("recent")
+    h.now += 0.4
+    assert h.core.add_client("new1", h.now) is None  # nobody idle for 1 s yet
+    h.now += 0.2
+    assert h.core.add_client("new2", h.now) is not None  # "old" is idle 1.1 s
+    evicted = [e for e in h.core.drain().events if isinstance(e, ClientEvicted)]
+    assert [(e.client, e.cause) for e in evicted] == [("old", Eviction.DISPLACED)]
+    assert h.core.stats.displaced == 1 and h.core.stats.rejected_clients == 1
+
+
+def test_reports_are_rate_limited_with_a_count_per_interval() -> None:
+    h = Harness(max_clients=1, request_timeout_ms=60_000)
+    h.start()
+    h.connect("A")
+    h.send("A", encode_have(1, b"x"))  # busy: cannot be displaced
+    for i in range(20):
+        assert h.core.add_client(f"x{i}", h.now) is None
+    events = list(h.core.drain().events)
+    assert events == [ClientRejected(1)] * LOG_BURST
+    assert h.core.next_deadline() == pytest.approx(h.now + LOG_INTERVAL)
+    h.now += LOG_INTERVAL
+    h.core.handle_timer(h.now)
+    [summary] = h.core.drain().events
+    assert isinstance(summary, Suppressed) and summary.count == 20 - LOG_BURST
+    bad = Harness()
+    logged = []
+    for i in range(30):  # bad clients: every one is closed, few are logged one by one
+        bad.connect(f"b{i}")
+        bad.core.client_data(bad.clients[f"b{i}"], b"\x00" * 14, bad.now)
+        logged += [e.log for e in bad.core.drain().events if isinstance(e, BadInput)]
+    assert logged == [True] * LOG_BURST + [False] * (30 - LOG_BURST)
+    assert bad.core.clients == 0 and bad.core.stats.bad_requests == 30
+    bad.now += LOG_INTERVAL
+    bad.core.handle_timer(bad.now)
+    summaries = [e for e in bad.core.drain().events if isinstance(e, Suppressed)]
+    assert [s.count for s in summaries] == [30 - LOG_BURST]
+
+
+def test_a_closed_client_gives_back_its_buffers() -> None:
+    h = Harness()
+    h.start()
+    c = h.connect("A")
+    h.send("A", encode_have(1, b"x") + encode_have(2, b"y")[:10])  # half a frame buffered
+    assert c.decoder.buffered > 0
+    h.core.client_output(c, 4096, h.now)
+    h.core.client_closed(c)
+    assert c.decoder.buffered == 0 and not c.waiting and h.core.buffered == 0

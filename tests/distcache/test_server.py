@@ -431,6 +431,9 @@ class _SlowTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return len(self.written)
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
     def is_closing(self) -> bool:
         return bool(self.calls)
 

@@ -234,3 +234,27 @@ def test_bad_input_waits_for_held_back_answers() -> None:
     assert [m.uid for m in Decoder(expect_response=True).feed(out)] == [2, 3]
     assert conn.error is not None
     assert not conn.pending
+
+
+def test_max_batch_bounds_the_answers_per_call() -> None:
+    """Requests with small answers (ADDs) are also answered a batch at a time."""
+    conn = CacheService(SessionTable()).connection(max_batch=5)
+    stream = b"".join(encode_add(uid, b"k%d" % uid, b"v" * 100, 60_000) for uid in range(1, 13))
+    out = conn.feed(stream, T0)
+    assert len(Decoder(expect_response=True).feed(out)) == 5
+    assert conn.pending
+    out += conn.feed(b"", T0)
+    out += conn.feed(b"", T0)
+    assert [m.uid for m in Decoder(expect_response=True).feed(out)] == list(range(1, 13))
+    assert not conn.busy
+
+
+def test_receive_queues_without_answering() -> None:
+    conn = CacheService(SessionTable()).connection()
+    conn.receive(encode_have(1, b"a") + encode_have(2, b"b"))
+    assert conn.pending
+    conn.receive(encode_have(3, b"c"))
+    out = conn.feed(b"", T0)
+    assert [m.uid for m in Decoder(expect_response=True).feed(out)] == [1, 2, 3]
+    conn.receive(b"GET / HTTP/1.0\r\n\r\n")
+    assert conn.error is not None

@@ -30,10 +30,15 @@ from tlscache.cli.runtime import (
 )
 from tlscache.distcache.address import Address
 from tlscache.distcache.multiplexer import (
+    DEFAULT_CLIENT_IN_FLIGHT,
+    DEFAULT_CLIENT_OUTPUT_BUDGET,
+    DEFAULT_EVICT_IDLE_MS,
+    DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_MS,
+    DEFAULT_WRITE_STALL_MS,
 )
 from tlscache.distcache.proxy import ProxyServer
 
@@ -105,7 +110,48 @@ def build_parser() -> Parser:
         metavar="N",
         type=int_range(1, 1_000_000),
         default=DEFAULT_MAX_CLIENTS,
-        help=f"local connections at once; more are closed (default {DEFAULT_MAX_CLIENTS})",
+        help=f"local connections at once (default {DEFAULT_MAX_CLIENTS}); at the limit a new "
+        "connection displaces the one idle longest (see --evict-idle), else it is closed",
+    )
+    parser.add_argument(
+        "--evict-idle",
+        metavar="MS",
+        type=int_range(0, 3_600_000),
+        default=DEFAULT_EVICT_IDLE_MS,
+        help="at --max-clients, a connection idle this long may be displaced by a new one "
+        f"(default {DEFAULT_EVICT_IDLE_MS})",
+    )
+    parser.add_argument(
+        "--client-in-flight",
+        metavar="N",
+        type=int_range(1, 65536),
+        default=DEFAULT_CLIENT_IN_FLIGHT,
+        help="requests of one local connection outstanding at the server at once; scarce "
+        f"slots are shared round-robin (default {DEFAULT_CLIENT_IN_FLIGHT})",
+    )
+    parser.add_argument(
+        "--client-output-budget",
+        metavar="BYTES",
+        type=int_range(4096, 1 << 30),
+        default=DEFAULT_CLIENT_OUTPUT_BUDGET,
+        help="unsent answers a local connection may hold before it is no longer read or "
+        f"forwarded for (default {DEFAULT_CLIENT_OUTPUT_BUDGET})",
+    )
+    parser.add_argument(
+        "--write-stall-timeout",
+        metavar="MS",
+        type=int_range(1, 3_600_000),
+        default=DEFAULT_WRITE_STALL_MS,
+        help="close a local connection that stays over its output budget this long "
+        f"(default {DEFAULT_WRITE_STALL_MS})",
+    )
+    parser.add_argument(
+        "--max-buffered",
+        metavar="BYTES",
+        type=int_range(65536, 1 << 40),
+        default=DEFAULT_MAX_BUFFERED,
+        help="unsent answers of all local connections together; over it the connections "
+        f"holding the most are closed (default {DEFAULT_MAX_BUFFERED})",
     )
     add_loop_option(parser)
     parser.add_argument("--verbose", action="store_true", help="also log informational messages")
@@ -146,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 request_timeout_ms=args.request_timeout,
                 max_in_flight=args.max_in_flight,
                 max_clients=args.max_clients,
+                client_in_flight=args.client_in_flight,
+                client_output_budget=args.client_output_budget,
+                write_stall_ms=args.write_stall_timeout,
+                max_buffered=args.max_buffered,
+                evict_idle_ms=args.evict_idle,
             )
             signals.attach(loop, proxy.stop)
             if not signals.requested:

@@ -1,8 +1,9 @@
 """dc_server: the distcache session cache server.
 
 Same switches as the C dc_server, plus a few of our own (``--read-timeout``,
-``--max-connections``, ``--max-bytes``, ``--allow-large``, ``--loop``). Unlike
-C, every start-up failure exits with status 1.
+``--max-connections``, ``--max-in-flight``, ``--output-budget``,
+``--max-buffered``, ``--max-bytes``, ``--allow-large``, ``--loop``). Unlike C,
+every start-up failure exits with status 1.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from tlscache.cli.options import Parser, address, fail
 from tlscache.cli.runtime import StopSignals, add_loop_option, checked_loop_factory, loop_name
 from tlscache.distcache.address import Address
 from tlscache.distcache.server import (
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_OUTPUT_BUDGET,
     DEFAULT_READ_TIMEOUT,
+    FD_RESERVE,
     configure_logging,
+    default_max_connections,
     log,
     raise_fd_limit,
     run,
@@ -112,7 +118,35 @@ def build_parser() -> Parser:
         1,
         10_000_000,
         None,
-        "refuse connections beyond N at a time (default: no limit but file descriptors)",
+        "at most N connections at a time; at the cap the longest-idle ones are closed to "
+        "make room, and newcomers are refused only when none is idle (default: the "
+        f"file descriptor limit, raised to the hard limit, minus {FD_RESERVE})",
+    )
+    parser.add_number(
+        "--max-in-flight",
+        1,
+        1 << 20,
+        DEFAULT_MAX_IN_FLIGHT,
+        "requests one connection may have received but not answered; a read holds at most "
+        f"this many (default {DEFAULT_MAX_IN_FLIGHT})",
+    )
+    parser.add_number(
+        "--output-budget",
+        1,
+        1 << 30,
+        DEFAULT_OUTPUT_BUDGET,
+        "answer bytes one connection gets per turn before the others are served; a peer "
+        f"that does not read holds at most about this much (default {DEFAULT_OUTPUT_BUDGET})",
+        metavar="BYTES",
+    )
+    parser.add_number(
+        "--max-buffered",
+        1,
+        1 << 40,
+        DEFAULT_MAX_BUFFERED,
+        "answer bytes waiting for slow readers, all connections together; beyond it "
+        f"pipelined requests wait (default {DEFAULT_MAX_BUFFERED})",
+        metavar="BYTES",
     )
     add_loop_option(parser)
     parser.add_argument(
@@ -152,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # From here on (clients may connect as soon as the listener exists) a stop
     # signal means a clean exit, and SIGUSR1/2 are ignored unless -killable.
     signals = StopSignals(args.killable)
-    raise_fd_limit()
+    fd_limit = raise_fd_limit()
+    max_connections = args.max_connections or default_max_connections(fd_limit)
     configure_logging()
     sockets = _listen_all(args.listen, args.sockowner, args.sockgroup, args.sockperms)
     if not args.quiet:
@@ -180,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             ready=ready,
             stop=stop,
             read_timeout=args.read_timeout or None,
-            max_connections=args.max_connections,
+            max_connections=max_connections,
+            max_in_flight=args.max_in_flight,
+            output_budget=args.output_budget,
+            max_buffered=args.max_buffered,
             progress=args.progress,
             stats=not args.quiet,
         )

@@ -126,6 +126,7 @@ class Client:
         self._forks = _forks
         self._closed = False
         self._nowait_failures = 0
+        self._nowait_confirmed = 0
 
     # ------------------------------------------------------------ public API
 
@@ -198,6 +199,16 @@ class Client:
         out or was discarded. Only grows (also across ``fork()``).
         """
         return self._nowait_failures
+
+    @property
+    def nowait_confirmed(self) -> int:
+        """:meth:`add_nowait` requests whose reply said stored, once read. Only grows.
+
+        With :attr:`nowait_failures` it tells a caller whether the server answered
+        anything since it last looked: a sent request alone proves nothing (a stopped
+        server's socket buffers still take it).
+        """
+        return self._nowait_confirmed
 
     def drain(self, *, deadline: Deadline | None = None) -> bool:
         """Read the replies the idle connections owe (:meth:`add_nowait`).
@@ -322,6 +333,8 @@ class Client:
 
     def _discard(self, conn: _Conn) -> None:
         """Close ``conn``; the replies it still owes count as failed writes."""
+        if conn.proto.write_confirmations:
+            self._take_settled(conn.proto)
         failures = conn.proto.abandon()
         if failures:
             self._count_failures(failures)
@@ -330,6 +343,12 @@ class Client:
     def _count_failures(self, n: int) -> None:
         with self._lock:
             self._nowait_failures += n
+
+    def _take_settled(self, proto: ClientConnection) -> None:
+        """Count the owed replies ``proto`` has settled since it was last asked."""
+        with self._lock:
+            self._nowait_failures += proto.take_write_failures()
+            self._nowait_confirmed += proto.take_write_confirmations()
 
     def _connect(self, deadline: Deadline) -> _Conn:
         try:
@@ -361,8 +380,8 @@ class Client:
                 if not data:
                     return False
                 proto.receive_data(data)
-                if proto.write_failures:
-                    self._count_failures(proto.take_write_failures())
+                if proto.write_failures or proto.write_confirmations:
+                    self._take_settled(proto)
             if proto.owed >= self.max_owed:
                 self._read_owed(conn, deadline)
         except ClientTimeout:
@@ -403,8 +422,8 @@ class Client:
                 if not data:
                     raise ClientError(f"{self.address} closed the connection")
                 proto.receive_data(data)
-                if proto.write_failures:
-                    self._count_failures(proto.take_write_failures())
+                if proto.write_failures or proto.write_confirmations:
+                    self._take_settled(proto)
         except TimeoutError:
             raise ClientTimeout(f"owed replies from {self.address} late") from None
         except OSError as exc:
@@ -436,8 +455,8 @@ class Client:
                     if proto.owed:
                         raise _Retry from exc  # out of step: resend on a fresh connection
                     raise
-                if proto.write_failures:
-                    self._count_failures(proto.take_write_failures())
+                if proto.write_failures or proto.write_confirmations:
+                    self._take_settled(proto)
         except TimeoutError:
             raise ClientTimeout(f"no reply from {self.address} before the deadline") from None
         except OSError as exc:

@@ -130,7 +130,15 @@ class ClientConnection:
     ``peer`` names the other end in error messages.
     """
 
-    __slots__ = ("_decoder", "_owed", "_uid", "_waiting", "peer", "write_failures")
+    __slots__ = (
+        "_decoder",
+        "_owed",
+        "_uid",
+        "_waiting",
+        "peer",
+        "write_confirmations",
+        "write_failures",
+    )
 
     def __init__(self, peer: str = "the server") -> None:
         self.peer = peer
@@ -140,6 +148,8 @@ class ClientConnection:
         self._owed: deque[int] = deque()
         #: Owed ADDs found not stored since the last :meth:`take_write_failures`.
         self.write_failures = 0
+        #: Owed ADDs the server confirmed stored since the last :meth:`take_write_confirmations`.
+        self.write_confirmations = 0
 
     # ------------------------------------------------------------ sending
 
@@ -224,7 +234,9 @@ class ClientConnection:
             except ProtocolError as exc:
                 raise ClientError(f"malformed owed reply from {self.peer}: {exc.reason}") from exc
         self._owed.popleft()
-        if not stored:
+        if stored:
+            self.write_confirmations += 1
+        else:
             self.write_failures += 1
 
     # ------------------------------------------------------------ state
@@ -246,6 +258,11 @@ class ClientConnection:
     def take_write_failures(self) -> int:
         """:attr:`write_failures`, reset to zero: each failure is reported once."""
         n, self.write_failures = self.write_failures, 0
+        return n
+
+    def take_write_confirmations(self) -> int:
+        """:attr:`write_confirmations`, reset to zero: each confirmation is reported once."""
+        n, self.write_confirmations = self.write_confirmations, 0
         return n
 
     def abandon(self) -> int:

@@ -26,7 +26,21 @@ Where it deliberately differs from C:
   costs a client ``0x02`` after ``request_timeout_ms``, not a hang;
 * a local client that vanishes mid-request, or sends garbage, is dropped
   alone (C aborts the whole proxy); a bad upstream reply resets only the
-  upstream connection.
+  upstream connection;
+* the one upstream connection is shared by every TLS server on the host, so
+  no local client may endanger it or starve the others: a request dc_server
+  would close the connection for (an ADD payload under 8 bytes) closes the
+  local client instead of being forwarded; a client gets at most
+  ``client_in_flight`` upstream slots, scarce slots go round-robin; a client
+  whose unsent answers pass ``client_output_budget`` gets nothing more
+  forwarded and is closed if it does not drain within ``write_stall_ms``;
+  answers buffered for all clients together are capped at ``max_buffered``
+  (the biggest holders are closed first); at ``max_clients`` a new connection
+  displaces the longest-idle one (idle at least ``evict_idle_ms``) rather
+  than being turned away;
+* reports of what a crowd of clients can trigger over and over are limited
+  to ``LOG_BURST`` per kind per ``LOG_INTERVAL`` seconds; the rest are
+  counted and reported as one :class:`Suppressed` per interval.
 """
 
 from __future__ import annotations
@@ -38,11 +52,13 @@ from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeAlias, TypeVar
 
 from tlscache.distcache.protocol import (
+    ADD_PREFIX,
     MAX_UID,
     RESULT_BYTES,
     Decoder,
     Message,
     MessageFields,
+    Operation,
     Result,
     encode_renumbered,
 )
@@ -53,6 +69,21 @@ DEFAULT_RETRY_MS = 5000
 DEFAULT_REQUEST_TIMEOUT_MS = 1000
 DEFAULT_MAX_IN_FLIGHT = 512
 DEFAULT_MAX_CLIENTS = 1024
+DEFAULT_CLIENT_IN_FLIGHT = 16
+DEFAULT_CLIENT_OUTPUT_BUDGET = 256 * 1024
+DEFAULT_WRITE_STALL_MS = 10_000
+DEFAULT_MAX_BUFFERED = 32 * 1024 * 1024
+DEFAULT_EVICT_IDLE_MS = 1000
+
+#: Reports of one kind logged per interval; the rest are counted (see :class:`Suppressed`).
+LOG_BURST = 3
+LOG_INTERVAL = 10.0
+
+_ADD = Operation.ADD
+#: dc_server closes the connection for an ADD payload shorter than this
+#: (:func:`~tlscache.distcache.protocol.parse_add_request` raises); every other
+#: malformed request is refused by the local client's decoder already.
+_MIN_ADD_PAYLOAD = ADD_PREFIX.size
 
 
 class Upstream(enum.Enum):
@@ -106,11 +137,40 @@ class ClientRejected:
 
 @dataclass(frozen=True, slots=True)
 class BadInput(Generic[T]):
-    """A local client sent bytes that are not distcache requests: close it."""
+    """A local client sent bytes that are not distcache requests, or a request
+    dc_server would close the shared connection for: close it (log it if ``log``)."""
 
     client: T
     number: int
     reason: str
+    log: bool = True
+
+
+class Eviction(enum.Enum):
+    """Why a well-formed local client is closed to protect the others."""
+
+    DISPLACED = "idle connection displaced by a new one at the maximum"
+    STALLED = "connection closed: does not read its answers"
+    OVER_BUFFER = "connection closed: holds the most unsent answers, total over the cap"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEvicted(Generic[T]):
+    """Abort a local client (``cause``); its buffered output is dropped, not flushed."""
+
+    client: T
+    number: int
+    cause: Eviction
+    log: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Suppressed:
+    """``count`` more reports of ``what`` in the last ``seconds`` were not logged one by one."""
+
+    what: str
+    count: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +188,8 @@ Event: TypeAlias = (
     | ClientRejected
     | BadInput[T]
     | ClientIdle[T]
+    | ClientEvicted[T]
+    | Suppressed
 )
 
 
@@ -157,6 +219,9 @@ class LocalClient(Generic[T]):
     """
 
     __slots__ = (
+        "blocked",
+        "blocked_since",
+        "buffered",
         "closed",
         "ctx",
         "decoder",
@@ -165,11 +230,12 @@ class LocalClient(Generic[T]):
         "last_active",
         "number",
         "out",
+        "share",
         "unsent",
         "waiting",
     )
 
-    def __init__(self, ctx: T, number: int, now: float) -> None:
+    def __init__(self, ctx: T, number: int, now: float, share: int) -> None:
         self.ctx = ctx
         self.number = number
         self.decoder = Decoder(expect_response=False, fields=True)
@@ -183,6 +249,22 @@ class LocalClient(Generic[T]):
         self.in_ready = False
         self.closed = False
         self.last_active = now
+        self.buffered = 0  # unsent answer bytes, as the shell last reported them
+        self.blocked = False  # over its output budget: nothing more is forwarded
+        # Upstream slots it may hold: ``client_in_flight``, 0 while blocked (one
+        # attribute for the forwarding path to read).
+        self.share = share
+        self.blocked_since = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests forwarded and not yet answered to the client, at most ``client_in_flight``.
+
+        Counted from the queues rather than kept as a counter, which would cost
+        the fast path a store per request; answers that arrived early count
+        until they are delivered.
+        """
+        return len(self.waiting) - len(self.unsent)
 
     @property
     def backlog(self) -> int:
@@ -197,6 +279,8 @@ def _answer(request: MessageFields, payload: bytes) -> _Outgoing:
 
 
 _NO_SERVER = b""  # dc_client's answer when it has no server connection
+#: A closed client's decoder: bytes after the close are ignored, never buffered.
+_CLOSED_DECODER = Decoder(expect_response=False, fields=True)
 _DISCONNECTED = RESULT_BYTES[Result.DISCONNECTED]  # ... when it lost it mid-request
 
 
@@ -206,6 +290,11 @@ class Stats:
 
     discarded: int = 0  # upstream answers for clients that had gone
     rejected_clients: int = 0
+    bad_requests: int = 0  # clients closed for bad bytes or a request unsafe to forward
+    displaced: int = 0  # idle clients closed to make room at max_clients
+    stalled: int = 0  # clients closed for not reading their answers
+    over_buffer: int = 0  # clients closed to bring the total buffered under the cap
+    suppressed_logs: int = 0
 
 
 class Multiplexer(Generic[T]):
@@ -218,15 +307,39 @@ class Multiplexer(Generic[T]):
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_clients: int = DEFAULT_MAX_CLIENTS,
+        client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT,
+        client_output_budget: int = DEFAULT_CLIENT_OUTPUT_BUDGET,
+        write_stall_ms: int = DEFAULT_WRITE_STALL_MS,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        evict_idle_ms: int = DEFAULT_EVICT_IDLE_MS,
     ) -> None:
-        if max_in_flight < 1 or max_clients < 1 or retry_ms < 1:
-            raise ValueError("max_in_flight, max_clients and retry_ms must be positive")
+        if min(max_in_flight, max_clients, retry_ms, client_in_flight) < 1:
+            raise ValueError(
+                "max_in_flight, max_clients, client_in_flight and retry_ms must be positive"
+            )
+        if min(client_output_budget, write_stall_ms, max_buffered) < 1 or evict_idle_ms < 0:
+            raise ValueError("output budget, stall timeout and buffer cap must be positive")
         self.retry = retry_ms / 1000.0
         self.idle = idle_ms / 1000.0
         self.request_timeout = request_timeout_ms / 1000.0
         self.max_in_flight = max_in_flight
         self.max_clients = max_clients
+        self.client_in_flight = client_in_flight
+        self.client_output_budget = client_output_budget
+        #: A blocked client is forwarded to again once its output is down to this.
+        self.client_output_low = client_output_budget // 4
+        self.write_stall = write_stall_ms / 1000.0
+        self.max_buffered = max_buffered
+        self.evict_idle = evict_idle_ms / 1000.0
         self.stats = Stats()
+        self.buffered = 0  # unsent answer bytes of all clients together
+        # Clients over their output budget, in the order they became so.
+        self._blocked: dict[LocalClient[T], None] = {}
+        # Rate-limited reports: the current window, counts logged and suppressed.
+        self._log_window_end = 0.0
+        self._logged: dict[str, int] = {}
+        self._suppressed: dict[str, int] = {}
+        self._log_due: float | None = None
         self.state = Upstream.DOWN
         self._uid = 1  # the next upstream uid: 1, 2, 3, ... for the life of the proxy
         self._next_attempt = 0.0  # the first attempt is due at once
@@ -261,13 +374,24 @@ class Multiplexer(Generic[T]):
     # ------------------------------------------------------------ local side
 
     def add_client(self, ctx: T, now: float) -> LocalClient[T] | None:
-        """Register a new local connection; None means "at the limit, close it"."""
+        """Register a new local connection; None means "at the limit, close it".
+
+        At the limit the longest-idle client makes room if it has been idle for
+        ``evict_idle``: idle connections must not lock out the active ones.
+        """
         if len(self._clients) >= self.max_clients:
-            self.stats.rejected_clients += 1
-            self._events.append(ClientRejected(self.max_clients))
-            return None
+            victim = self._longest_idle(now)
+            if victim is None:
+                self.stats.rejected_clients += 1
+                if self._may_log(
+                    f"new connections rejected at the maximum ({self.max_clients})", now
+                ):
+                    self._events.append(ClientRejected(self.max_clients))
+                return None
+            self.stats.displaced += 1
+            self._evict(victim, Eviction.DISPLACED, now)
         self._numbers += 1
-        client = LocalClient(ctx, self._numbers, now)
+        client = LocalClient(ctx, self._numbers, now, self.client_in_flight)
         self._clients[client] = None
         if self.idle:
             self._watch_idle(now + self.idle)
@@ -279,8 +403,7 @@ class Multiplexer(Generic[T]):
             return
         messages, error = client.decoder.feed_fields(data)
         if error is not None:  # what came before the bad bytes is dropped with the client
-            self._drop(client)
-            self._events.append(BadInput(client.ctx, client.number, error.reason))
+            self._bad_input(client, error.reason, now)
             return
         if not messages:
             return
@@ -289,6 +412,9 @@ class Multiplexer(Generic[T]):
         if self.state is not Upstream.UP:
             early = client.early
             for m in messages:
+                if m[2] is _ADD and len(m[3]) < _MIN_ADD_PAYLOAD:
+                    self._bad_add(client, m, now)
+                    return
                 waiting.append(m)
                 early[id(m)] = _answer(m, _NO_SERVER)
             self._flush(client)
@@ -297,10 +423,20 @@ class Multiplexer(Generic[T]):
             return
         unsent = client.unsent
         inflight = self._inflight
+        # Free slots, within this client's own share (what it has forwarded and
+        # not had answered, see LocalClient.in_flight); none while it is blocked.
         room = self.max_in_flight - len(inflight)
+        own = client.share - len(waiting) + len(unsent)
+        if own < room:
+            room = own
         up_out = self._up_out
         uid = self._uid
         for m in messages:
+            if m[2] is _ADD and len(m[3]) < _MIN_ADD_PAYLOAD:
+                # Checked before forwarding: dc_server would close the shared connection.
+                self._uid = uid
+                self._bad_add(client, m, now)
+                return
             waiting.append(m)
             if unsent or room <= 0:
                 unsent.append(m)
@@ -321,6 +457,80 @@ class Multiplexer(Generic[T]):
         if not client.closed:
             self._drop(client)
 
+    def client_output(self, client: LocalClient[T], buffered: int, now: float) -> None:
+        """The shell reports ``buffered`` bytes of answers not yet taken by the client.
+
+        Over ``client_output_budget`` nothing more of the client's is forwarded
+        (the shell stops reading it too) and the write-stall clock runs; down to
+        a quarter of it, forwarding resumes. Over ``max_buffered`` in total, the
+        clients holding the most are closed.
+        """
+        if client.closed:
+            return
+        self.buffered += buffered - client.buffered
+        client.buffered = buffered
+        if buffered > self.client_output_budget:
+            if not client.blocked:
+                client.blocked = True
+                client.share = 0
+                client.blocked_since = now
+                self._blocked[client] = None
+        elif client.blocked and buffered <= self.client_output_low:
+            client.blocked = False
+            client.share = self.client_in_flight
+            del self._blocked[client]
+            if client.unsent:
+                if not client.in_ready:
+                    client.in_ready = True
+                    self._ready.append(client)
+                if self.state is Upstream.UP:
+                    self._pump(now)
+        if self.buffered > self.max_buffered:
+            self._shed(now)
+
+    def _shed(self, now: float) -> None:
+        """Close the clients holding the most output until the total is under the cap."""
+        holders = sorted(
+            (c for c in self._clients if c.buffered), key=lambda c: c.buffered, reverse=True
+        )
+        for c in holders:
+            if self.buffered <= self.max_buffered:
+                break
+            self.stats.over_buffer += 1
+            self._evict(c, Eviction.OVER_BUFFER, now)
+
+    def _longest_idle(self, now: float) -> LocalClient[T] | None:
+        """The client idle longest, if idle for ``evict_idle``: nothing owed, nothing buffered."""
+        best: LocalClient[T] | None = None
+        limit = now - self.evict_idle
+        for c in self._clients:
+            if (
+                c.last_active <= limit
+                and not c.waiting
+                and not c.buffered
+                and (best is None or c.last_active < best.last_active)
+            ):
+                best = c
+        return best
+
+    def _evict(self, client: LocalClient[T], cause: Eviction, now: float) -> None:
+        self._drop(client)
+        log = self._may_log(cause.value, now)
+        self._events.append(ClientEvicted(client.ctx, client.number, cause, log))
+
+    def _bad_input(self, client: LocalClient[T], reason: str, now: float) -> None:
+        self.stats.bad_requests += 1
+        self._drop(client)
+        log = self._may_log("local connections closed for bad data", now)
+        self._events.append(BadInput(client.ctx, client.number, reason, log))
+
+    def _bad_add(self, client: LocalClient[T], m: MessageFields, now: float) -> None:
+        reason = (
+            f"ADD (uid {m[1]:#x}) payload of {len(m[3])} bytes is shorter than its "
+            f"{_MIN_ADD_PAYLOAD}-byte prefix; not forwarded"
+        )
+        self._bad_input(client, reason, now)
+
     def _drop(self, client: LocalClient[T]) -> None:
         client.closed = True
         self._clients.pop(client, None)
@@ -328,8 +538,37 @@ class Multiplexer(Generic[T]):
         client.unsent.clear()
         client.early.clear()
         client.out.clear()
+        # Give back what a big burst may have grown: the decoder's buffer and fragments.
+        client.decoder = _CLOSED_DECODER
+        if client.buffered:
+            self.buffered -= client.buffered
+            client.buffered = 0
+        if client.blocked:
+            client.blocked = False
+            del self._blocked[client]
         # In-flight requests stay in the table: their answers must still be
         # consumed in order, then they are discarded.
+
+    def _may_log(self, what: str, now: float) -> bool:
+        """True if a report of ``what`` may be logged now; else count it for the summary."""
+        if now >= self._log_window_end:
+            self._report_suppressed()
+            self._log_window_end = now + LOG_INTERVAL
+            self._logged.clear()
+        logged = self._logged.get(what, 0)
+        if logged < LOG_BURST:
+            self._logged[what] = logged + 1
+            return True
+        self._suppressed[what] = self._suppressed.get(what, 0) + 1
+        self.stats.suppressed_logs += 1
+        self._log_due = self._log_window_end
+        return False
+
+    def _report_suppressed(self) -> None:
+        for what, count in self._suppressed.items():
+            self._events.append(Suppressed(what, count, LOG_INTERVAL))
+        self._suppressed.clear()
+        self._log_due = None
 
     # ------------------------------------------------------------ upstream side
 
@@ -370,12 +609,14 @@ class Multiplexer(Generic[T]):
                 c.early[id(m)] = _answer(m, _DISCONNECTED)
                 touched[c] = None
         self._inflight.clear()
-        for c in self._ready:
-            for m in c.unsent:
-                c.early[id(m)] = _answer(m, _NO_SERVER)
-            c.unsent.clear()
+        # Every client, not just the ready ones: a blocked or capped one may be waiting too.
+        for c in self._clients:
             c.in_ready = False
-            touched[c] = None
+            if c.unsent:
+                for m in c.unsent:
+                    c.early[id(m)] = _answer(m, _NO_SERVER)
+                c.unsent.clear()
+                touched[c] = None
         self._ready.clear()
         for c in touched:
             self._flush(c)
@@ -410,6 +651,9 @@ class Multiplexer(Generic[T]):
             if c.closed:
                 self.stats.discarded += 1
                 continue
+            if c.unsent and not c.in_ready and not c.blocked:
+                c.in_ready = True  # a slot of its own share is free again
+                self._ready.append(c)
             c.last_active = now
             waiting = c.waiting
             if waiting[0] is request:
@@ -433,9 +677,12 @@ class Multiplexer(Generic[T]):
         """Fill free upstream slots from the waiting clients, round-robin."""
         ready = self._ready
         inflight = self._inflight
+        share = self.client_in_flight
         while ready and len(inflight) < self.max_in_flight:
             c = ready.popleft()
-            if c.closed or not c.unsent:
+            if c.closed or not c.unsent or c.blocked or len(c.waiting) - len(c.unsent) >= share:
+                # Back in the queue when it has work, an answer frees a slot of
+                # its share, or its output drains (see upstream_data, client_output).
                 c.in_ready = False
                 continue
             m = c.unsent.popleft()
@@ -476,7 +723,15 @@ class Multiplexer(Generic[T]):
             due = self._next_attempt
         idle_due = self._idle_due
         if idle_due is not None and (due is None or idle_due < due):
-            return idle_due
+            due = idle_due
+        if self._blocked:
+            first = next(iter(self._blocked))
+            stall_due = first.blocked_since + self.write_stall
+            if due is None or stall_due < due:
+                due = stall_due
+        log_due = self._log_due
+        if log_due is not None and (due is None or log_due < due):
+            due = log_due
         return due
 
     def handle_timer(self, now: float) -> None:
@@ -492,6 +747,15 @@ class Multiplexer(Generic[T]):
                 )
         if self._idle_due is not None and now >= self._idle_due:
             self._close_idle(now)
+        if self._blocked:
+            stall = self.write_stall
+            for c in list(self._blocked):
+                if now < c.blocked_since + stall:
+                    break  # in the order they became blocked
+                self.stats.stalled += 1
+                self._evict(c, Eviction.STALLED, now)
+        if self._log_due is not None and now >= self._log_due:
+            self._report_suppressed()
         if self.state is Upstream.DOWN and now >= self._next_attempt:
             self.state = Upstream.CONNECTING
             self._next_attempt = now + self.retry
@@ -550,20 +814,30 @@ class Multiplexer(Generic[T]):
 
 
 __all__ = [
+    "DEFAULT_CLIENT_IN_FLIGHT",
+    "DEFAULT_CLIENT_OUTPUT_BUDGET",
+    "DEFAULT_EVICT_IDLE_MS",
+    "DEFAULT_MAX_BUFFERED",
     "DEFAULT_MAX_CLIENTS",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_REQUEST_TIMEOUT_MS",
     "DEFAULT_RETRY_MS",
+    "DEFAULT_WRITE_STALL_MS",
+    "LOG_BURST",
+    "LOG_INTERVAL",
     "BadInput",
+    "ClientEvicted",
     "ClientIdle",
     "ClientRejected",
     "ConnectUpstream",
     "Event",
+    "Eviction",
     "LocalClient",
     "Multiplexer",
     "Output",
     "ResetUpstream",
     "Stats",
+    "Suppressed",
     "Upstream",
     "UpstreamLost",
     "UpstreamRestored",

@@ -11,12 +11,18 @@ logs what it reports, and arms one timer for the core's next deadline.
 A local client that half-closes its connection still gets the answers to
 what it sent before the connection is closed; a client that pipelines far
 ahead of its answers, or stops reading them, is not read from until it
-catches up.
+catches up. The transport's write-buffer limits are set from the core's
+per-client output budget, and the shell reports a client's unsent output to
+the core whenever it is not zero, so that the core can hold back, time out or
+close clients that do not read; clients the core evicts are aborted, so their
+buffers are freed at once rather than flushed to a peer that does not read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import socket
 from collections.abc import Callable
@@ -25,11 +31,17 @@ from typing import NamedTuple, cast
 from tlscache.distcache import sockets
 from tlscache.distcache.address import Address
 from tlscache.distcache.multiplexer import (
+    DEFAULT_CLIENT_IN_FLIGHT,
+    DEFAULT_CLIENT_OUTPUT_BUDGET,
+    DEFAULT_EVICT_IDLE_MS,
+    DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_MS,
+    DEFAULT_WRITE_STALL_MS,
     BadInput,
+    ClientEvicted,
     ClientIdle,
     ClientRejected,
     ConnectUpstream,
@@ -37,11 +49,33 @@ from tlscache.distcache.multiplexer import (
     LocalClient,
     Multiplexer,
     ResetUpstream,
+    Suppressed,
     UpstreamLost,
     UpstreamRestored,
 )
 
 log = logging.getLogger("tlscache.dc_client")
+
+# Bytes of client output freed by closes before the allocator is asked to give
+# memory back, and how soon after: a crowd of clients that never read leaves
+# the C heap fragmented, and the process would keep its peak size for good.
+TRIM_AFTER_BYTES = 1 << 20
+TRIM_DELAY = 0.5
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere): returns freed heap pages to the system."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
 
 # A client with more unanswered requests than this is not read from until it
 # is down to CLIENT_BACKLOG_LOW, so one greedy client cannot grow the proxy's memory.
@@ -58,6 +92,7 @@ class _Hooks(NamedTuple):
     drain: Callable[[], None]  # drain now
     local_gone: Callable[[], None]
     upstream_gone: Callable[[_Upstream], None]
+    released: Callable[[int], None]  # a closed client's buffered output is freed
 
 
 class _Local(asyncio.Protocol):
@@ -76,9 +111,14 @@ class _Local(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         hooks = self.hooks
-        self.client = hooks.core.add_client(self, hooks.clock())
+        core = hooks.core
+        self.client = core.add_client(self, hooks.clock())
         if self.client is None:
             self.transport.abort()
+        else:
+            # pause_writing() when the client's unsent answers pass its budget.
+            budget = core.client_output_budget
+            self.transport.set_write_buffer_limits(high=budget, low=core.client_output_low)
         hooks.wake()
 
     def data_received(self, data: bytes) -> None:
@@ -105,19 +145,36 @@ class _Local(asyncio.Protocol):
         self.client = None
         hooks = self.hooks
         if client is not None:
+            freed = client.buffered
             hooks.core.client_closed(client)
             hooks.wake()
+            if freed:
+                hooks.released(freed)
         hooks.local_gone()
 
     def pause_writing(self) -> None:
         self.write_blocked = True
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
+        self._report_output()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
         if not self.paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+        self._report_output()
+
+    def _report_output(self) -> None:
+        """Tell the core how much of this client's output is unsent (budget, stall, cap)."""
+        client = self.client
+        transport = self.transport
+        if client is None or transport is None:
+            return
+        size = transport.get_write_buffer_size()
+        if size or client.buffered:
+            hooks = self.hooks
+            hooks.core.client_output(client, size, hooks.clock())
+            hooks.wake()
 
     def deliver(self, data: bytes) -> None:
         """Write answers; resume a paused client once its backlog is small again."""
@@ -126,6 +183,8 @@ class _Local(asyncio.Protocol):
         if transport is None or client is None:
             return
         transport.write(data)
+        if client.buffered or transport.get_write_buffer_size():
+            self._report_output()
         if self.paused and client.backlog < CLIENT_BACKLOG_LOW:
             self.paused = False
             if not self.write_blocked:
@@ -136,6 +195,11 @@ class _Local(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close without flushing: the buffered answers are dropped and their memory freed."""
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class _Upstream(asyncio.Protocol):
@@ -188,9 +252,15 @@ def _log_event(event: Event[_Local]) -> None:
     if isinstance(event, ClientRejected):
         log.error("rejected new client connection already at maximum (%d)", event.max_clients)
     elif isinstance(event, BadInput):
-        log.warning(
-            "local connection %d sent bad data (%s); closing it", event.number, event.reason
-        )
+        if event.log:
+            log.warning(
+                "local connection %d sent bad data (%s); closing it", event.number, event.reason
+            )
+    elif isinstance(event, ClientEvicted):
+        if event.log:
+            log.warning("local connection %d: %s", event.number, event.cause.value)
+    elif isinstance(event, Suppressed):
+        log.warning("%d more: %s (in the last %g s)", event.count, event.what, event.seconds)
     elif isinstance(event, ResetUpstream):
         log.error("resetting the server connection: %s", event.reason)
     elif isinstance(event, UpstreamLost):
@@ -217,6 +287,11 @@ class ProxyServer:
         request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_clients: int = DEFAULT_MAX_CLIENTS,
+        client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT,
+        client_output_budget: int = DEFAULT_CLIENT_OUTPUT_BUDGET,
+        write_stall_ms: int = DEFAULT_WRITE_STALL_MS,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        evict_idle_ms: int = DEFAULT_EVICT_IDLE_MS,
         connect_timeout: float = 2.0,
     ) -> None:
         self.core: Multiplexer[_Local] = Multiplexer(
@@ -225,6 +300,11 @@ class ProxyServer:
             request_timeout_ms=request_timeout_ms,
             max_in_flight=max_in_flight,
             max_clients=max_clients,
+            client_in_flight=client_in_flight,
+            client_output_budget=client_output_budget,
+            write_stall_ms=write_stall_ms,
+            max_buffered=max_buffered,
+            evict_idle_ms=evict_idle_ms,
         )
         self._listener = listener
         self._server_address = server_address
@@ -240,6 +320,8 @@ class ProxyServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._single = False  # an FD: listen address that is itself one connection
+        self._freed = 0  # client output freed since the last trim
+        self._trim_handle: asyncio.TimerHandle | None = None
 
     def stop(self) -> None:
         self._stopped.set()
@@ -248,7 +330,13 @@ class ProxyServer:
         """Run until :meth:`stop` (or, with an FD: listen address, until its one client goes)."""
         loop = self._loop = asyncio.get_running_loop()
         hooks = self._hooks = _Hooks(
-            self.core, loop.time, self._wake, self._drain, self._local_gone, self._upstream_gone
+            self.core,
+            loop.time,
+            self._wake,
+            self._drain,
+            self._local_gone,
+            self._upstream_gone,
+            self._released,
         )
         self._on_timer()  # the first connection attempt is due at once
         # A backlog that holds a burst of as many connections as the proxy accepts.
@@ -269,6 +357,8 @@ class ProxyServer:
                 self._connecting.cancel()
             if self._timer is not None:
                 self._timer.cancel()
+            if self._trim_handle is not None:
+                self._trim_handle.cancel()
             if self._upstream is not None:
                 self._upstream.abandon(abort=False)
                 self._upstream = None
@@ -306,6 +396,8 @@ class ProxyServer:
                 self._upstream = None
         elif isinstance(event, BadInput | ClientIdle):
             event.client.close()
+        elif isinstance(event, ClientEvicted):
+            event.client.abort()
 
     # ------------------------------------------------------------ timer
 
@@ -358,6 +450,23 @@ class ProxyServer:
     def _upstream_gone(self, proto: _Upstream) -> None:
         if self._upstream is proto:
             self._upstream = None
+
+    def _released(self, nbytes: int) -> None:
+        """Give freed output memory back to the system once enough has gone."""
+        self._freed += nbytes
+        if (
+            self._freed >= TRIM_AFTER_BYTES
+            and self._trim_handle is None
+            and _malloc_trim is not None
+            and self._loop is not None
+        ):
+            self._trim_handle = self._loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        self._freed = 0
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _local_gone(self) -> None:
         if self._single and self.core.clients == 0:

@@ -15,7 +15,11 @@ Differences from the C server, all deliberate:
 * a frame is complete only when all ``14 + data_len`` bytes are there;
 * a peer that stalls in the middle of a message (or stops reading our answers)
   is dropped after ``read_timeout`` seconds; idle connections between
-  messages are kept as long as the peer likes.
+  messages are kept as long as the peer likes, unless the connection cap is
+  reached (then the longest-idle make room for newcomers);
+* memory is bounded per connection (``max_in_flight`` requests, one turn's
+  answers) and across connections (``max_buffered``), and pipelining
+  connections are served round-robin, so a few clients cannot starve the rest.
 
 Embedding::
 
@@ -29,17 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import heapq
 import logging
 import resource
 import socket
 import sys
+import termios
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
 from tlscache.distcache import sockets
 from tlscache.distcache.address import Address, parse_address
 from tlscache.distcache.loops import LoopKind, loop_factory
+from tlscache.distcache.protocol import HEADER_SIZE
 from tlscache.distcache.serverconn import CacheService, ServerConnection
 from tlscache.distcache.table import SessionTable
 
@@ -50,6 +59,31 @@ DEFAULT_READ_TIMEOUT: Final = 30.0
 STATS_INTERVAL: Final = 1.0
 # A flood of bad connections must not turn into a flood of log lines (or block on stderr).
 MAX_WARNINGS_PER_SECOND: Final = 50
+#: Requests one connection may have decoded but not answered: a read is at most
+#: ``max_in_flight * 14`` bytes (14 is the smallest request), and a connection with
+#: requests left over is not read again until they are answered.
+DEFAULT_MAX_IN_FLIGHT: Final = 512
+#: Answer bytes one connection may produce per turn before the others get theirs.
+DEFAULT_OUTPUT_BUDGET: Final = 64 * 1024
+#: Answers waiting in all connections' transports together; beyond it each
+#: connection gets one answer per turn (so nobody is starved) instead of a batch.
+DEFAULT_MAX_BUFFERED: Final = 16 * 1024 * 1024
+#: File descriptors kept free of connections (listeners, logs, the odd accept race).
+FD_RESERVE: Final = 32
+#: When at the connection cap, close this share of the idle connections at once
+#: (at least one), oldest first, so that a flood of newcomers costs one scan per batch.
+EVICT_FRACTION: Final = 64
+#: Only connections idle this long are closed to make room: newcomers in a flood
+#: must not push each other out, and a client between two requests keeps its place.
+EVICT_MIN_IDLE_MS: Final = 1000
+#: How often connections waiting for their peer to read (over the output cap) look again.
+PARK_INTERVAL: Final = 0.02
+_MIN_READ: Final = 4096
+#: The read size while over the output cap: peers that do not read pile up few requests.
+_CAPPED_READ: Final = 1024
+# Bytes a socket has sent that its peer has not taken yet (Linux; None elsewhere).
+_TIOCOUTQ: Final = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+_MAX_READ: Final = 256 * 1024
 
 
 def now_ms() -> int:
@@ -68,6 +102,16 @@ def raise_fd_limit() -> int:
     return soft
 
 
+def default_max_connections(fd_limit: int) -> int:
+    """The connection cap for a process allowed ``fd_limit`` descriptors."""
+    return max(1, fd_limit - FD_RESERVE)
+
+
+def read_size(max_in_flight: int) -> int:
+    """The read buffer that holds at most ``max_in_flight`` whole requests (within bounds)."""
+    return min(_MAX_READ, max(_MIN_READ, max_in_flight * HEADER_SIZE))
+
+
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -81,33 +125,46 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return f"fd {fd}"
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection. The per-request path is :meth:`data_received`."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection. The per-request path is :meth:`data_received`.
+
+    Reads land in the server's one shared buffer of ``read_size`` bytes, so that a
+    read can hold at most ``max_in_flight`` requests and an idle connection owns
+    no read buffer at all.
+    """
 
     __slots__ = (
-        "_continue_soon",
+        "_accounted",
         "_eof",
         "_feed",
+        "_last_active",
         "_last_rx",
         "_on_lost",
         "_proto",
+        "_queued",
         "_reading_paused",
         "_server",
         "_stall_timer",
+        "_view",
         "_write_paused",
         "transport",
     )
 
     def __init__(self, server: Server, on_lost: Callable[[], None] | None = None) -> None:
         self._server = server
-        self._proto: ServerConnection = server.service.connection()
+        self._proto: ServerConnection = server.service.connection(
+            server.output_budget, server.max_batch
+        )
         self._feed = self._proto.feed
+        self._view = server._read_view
         self.transport: asyncio.Transport | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
+        self._last_active = _monotonic_ns() // 1_000_000
+        self._accounted = 0  # our share of Server.buffered (bytes the transport holds)
         self._write_paused = False
         self._reading_paused = False
-        self._continue_soon = False
+        self._queued = False
         self._eof = False
         self._on_lost = on_lost
 
@@ -119,7 +176,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         server = self._server
         limit = server.max_connections
-        if limit is not None and len(server.connections) >= limit:
+        if limit is not None and len(server.connections) >= limit and not server.make_room():
             server.warn(
                 "Warning, rejected connection from %s: already at the maximum (%d)",
                 _peer(transport),
@@ -128,15 +185,55 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         server.connections.add(self)
-        # The transports' default limits (64 KiB high, 16 KiB low) suit us: an answer
-        # is at most 32 KiB, and setting them costs a call per connection.
+        # Any byte the kernel does not take pauses us (and is counted in
+        # Server.buffered) until the transport is empty again: a peer that does not
+        # read holds at most one turn's answers here, and the total stays bounded.
+        transport.set_write_buffer_limits(high=0, low=0)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        server = self._server
+        if server.buffered >= server.max_buffered:
+            return server._capped_view
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._view[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
-        out = self._feed(data, _monotonic_ns() // 1_000_000)
+        now = self._last_active = _monotonic_ns() // 1_000_000
+        server = self._server
+        if server.buffered >= server.max_buffered:
+            self._answer_one(data, now)
+            return
+        out = self._feed(data, now)
         if out:
             self.transport.write(out)  # type: ignore[union-attr]
         if self._proto.busy:
             self._settle()
+
+    def _answer_one(self, data: bytes, now: int) -> None:
+        """Over the server's output cap: answer one request if the peer has read
+        everything sent so far, else none; queue the rest for later turns.
+
+        A peer that reads gets served, one answer per turn (nobody is starved),
+        while one that does not read adds nothing more to what is buffered.
+        """
+        proto = self._proto
+        if not self._caught_up():
+            proto.receive(data)
+            if proto.pending and not self._write_paused and not self._queued:
+                self._queued = True
+                self._server.park(self)
+            self._settle()
+            return
+        proto.output_budget = 0
+        try:
+            out = self._feed(data, now)
+        finally:
+            proto.output_budget = self._server.output_budget
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+        self._settle()
 
     def eof_received(self) -> bool:
         proto = self._proto
@@ -152,24 +249,60 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.connections.discard(self)
+        server = self._server
+        server.connections.discard(self)
         self._cancel_stall_timer()
         self.transport = None
+        if self._accounted:
+            server.release(self._accounted)
+            self._accounted = 0
         if self._on_lost is not None:
             self._on_lost()
 
     def pause_writing(self) -> None:
         # Backpressure: a peer that does not read its answers stops being read.
         self._write_paused = True
+        transport = self.transport
+        if transport is not None:
+            size = transport.get_write_buffer_size()
+            self._server.buffered += size - self._accounted
+            self._accounted = size
         self._settle()
         self._arm_stall_timer()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         self._last_rx = time.monotonic()
+        if self._accounted:
+            self._server.release(self._accounted)
+            self._accounted = 0
         self._settle()
 
     # ------------------------------------------------------------ slow paths
+
+    def _caught_up(self) -> bool:
+        """Whether the kernel has delivered all we sent (unknown counts as yes)."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or _TIOCOUTQ is None:
+            return True
+        try:
+            unsent = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return True
+        return int.from_bytes(unsent, sys.byteorder) == 0
+
+    def idle(self) -> bool:
+        """Between messages with nothing owed: may be closed to make room for a newcomer."""
+        transport = self.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not self._proto.busy
+            and not self._write_paused
+            and not self._accounted
+            and not self._eof
+        )
 
     def _settle(self) -> None:
         """Bring reading, timers and deferred work in line with the protocol state."""
@@ -187,10 +320,10 @@ class _Connection(asyncio.Protocol):
         elif not hold and self._reading_paused:
             transport.resume_reading()
             self._reading_paused = False
-        if proto.pending and not self._write_paused and not self._continue_soon:
-            # Answer the held-back requests on a later loop pass: others get their turn.
-            self._continue_soon = True
-            asyncio.get_running_loop().call_soon(self._continue)
+        if proto.pending and not self._write_paused and not self._queued:
+            # Answer the held-back requests on a later turn, behind the other connections.
+            self._queued = True
+            self._server.enqueue(self)
         if proto.partial:
             # Part of a message is buffered: the peer must finish it within read_timeout.
             self._last_rx = time.monotonic()
@@ -200,12 +333,22 @@ class _Connection(asyncio.Protocol):
         if self._eof and not proto.pending:
             transport.close()
 
-    def _continue(self) -> None:
-        self._continue_soon = False
+    def turn(self) -> None:
+        """One turn of the server's round-robin: answer one batch of held-back requests."""
+        self._queued = False
         transport = self.transport
         if transport is None or transport.is_closing() or self._write_paused:
+            return  # resume_writing queues the connection again
+        now = self._last_active = _monotonic_ns() // 1_000_000
+        server = self._server
+        if server.buffered >= server.max_buffered:
+            if not self._caught_up():
+                self._queued = True
+                server.park(self)
+                return
+            self._answer_one(b"", now)
             return
-        out = self._feed(b"", _monotonic_ns() // 1_000_000)
+        out = self._feed(b"", now)
         if out:
             transport.write(out)
         self._settle()
@@ -276,6 +419,10 @@ class Server:
         *,
         read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         max_connections: int | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        output_budget: int = DEFAULT_OUTPUT_BUDGET,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        max_batch: int | None = None,
         progress: int = 0,
         stats: bool = True,
     ) -> None:
@@ -283,6 +430,21 @@ class Server:
         self.service = CacheService(self.table)
         self.read_timeout = read_timeout
         self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.output_budget = output_budget
+        self.max_buffered = max_buffered
+        # A whole read's requests per turn by default: reads are already bounded by
+        # max_in_flight, and splitting them would cost a pass and two epoll changes.
+        self.max_batch = max_batch if max_batch is not None else max_in_flight
+        #: Bytes waiting in the transports of write-paused connections.
+        self.buffered = 0
+        # One read buffer for every connection: reads are handled one at a time.
+        self._read_view = memoryview(bytearray(read_size(max_in_flight)))
+        self._capped_view = self._read_view[:_CAPPED_READ]
+        self._ready: deque[_Connection] = deque()
+        self._ready_scheduled = False
+        self._parked: list[_Connection] = []
+        self._park_timer: asyncio.TimerHandle | None = None
         self.progress = progress
         self.stats = stats
         self.connections: set[_Connection] = set()
@@ -296,6 +458,78 @@ class Server:
         self._single: asyncio.Future[None] | None = None
         self._last_ops = 0
         self._last_sessions = 0
+
+    # ------------------------------------------------------------ round-robin
+
+    def enqueue(self, conn: _Connection) -> None:
+        """Give ``conn`` a turn after every connection already waiting for one."""
+        self._ready.append(conn)
+        if not self._ready_scheduled:
+            self._ready_scheduled = True
+            asyncio.get_running_loop().call_soon(self._run_ready)
+
+    def _run_ready(self) -> None:
+        """One turn for each connection waiting now; those re-queued wait for the next pass.
+
+        Between passes the loop polls the sockets, so other clients are read and
+        answered between any two batches of a pipelining one.
+        """
+        self._ready_scheduled = False
+        ready = self._ready
+        for _ in range(len(ready)):
+            ready.popleft().turn()
+        if ready:
+            self._ready_scheduled = True
+            asyncio.get_running_loop().call_soon(self._run_ready)
+
+    def park(self, conn: _Connection) -> None:
+        """Over the output cap, a peer that has not read our last answers waits here;
+        every ``PARK_INTERVAL`` the parked get a turn again (and look again)."""
+        self._parked.append(conn)
+        if self._park_timer is None:
+            loop = asyncio.get_running_loop()
+            self._park_timer = loop.call_later(PARK_INTERVAL, self._unpark)
+
+    def _unpark(self) -> None:
+        self._park_timer = None
+        parked, self._parked = self._parked, []
+        for conn in parked:
+            if conn.transport is not None:
+                self.enqueue(conn)
+            else:
+                conn._queued = False
+
+    def release(self, size: int) -> None:
+        """A connection's buffered answers were sent (or dropped)."""
+        self.buffered -= size
+
+    def make_room(self) -> bool:
+        """At the connection cap: close the longest-idle connections; False if none is idle."""
+        limit = self.max_connections or 1
+        now = _monotonic_ns() // 1_000_000
+        oldest = now - EVICT_MIN_IDLE_MS
+        idle = [c for c in self.connections if c._last_active <= oldest and c.idle()]
+        if not idle:
+            return False
+        count = max(1, limit // EVICT_FRACTION)
+        victims = heapq.nsmallest(count, idle, key=lambda conn: conn._last_active)
+        for conn in victims:
+            self.connections.discard(conn)
+            transport = conn.transport
+            assert transport is not None
+            self.warn(
+                "Warning, closing connection from %s: idle for %.1f s, making room for new ones",
+                _peer(transport),
+                (now - conn._last_active) / 1000,
+            )
+            transport.close()
+        return True
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's own complaints (accept failing with EMFILE), rate-limited too."""
+        exc = context.get("exception")
+        reason = f"{context.get('message', 'error')}: {exc}" if exc else context.get("message")
+        self.warn("Warning, %s", reason)
 
     @property
     def operations(self) -> int:
@@ -315,6 +549,8 @@ class Server:
         it is, as in C; :func:`serve` returns once it has gone away.
         """
         loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:  # an embedding application's handler stays
+            loop.set_exception_handler(self._loop_exception)
         for item in listeners:
             if isinstance(item, socket.socket):
                 sock = item
@@ -349,6 +585,9 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
             self._stats_task = None
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
         for srv in self._servers:
             srv.close()
         for conn in list(self.connections):
@@ -475,9 +714,13 @@ def configure_logging(stream: Any = None) -> None:
 
 
 __all__ = [
+    "DEFAULT_MAX_BUFFERED",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_OUTPUT_BUDGET",
     "DEFAULT_READ_TIMEOUT",
     "Server",
     "configure_logging",
+    "default_max_connections",
     "now_ms",
     "raise_fd_limit",
     "run",

@@ -32,6 +32,9 @@ from tlscache.exceptions import ProtocolError
 
 #: Stop answering a batch of pipelined requests once this much output is waiting.
 DEFAULT_OUTPUT_BUDGET: Final = 256 * 1024
+#: Answer at most this many pipelined requests per call: requests that produce
+#: little output (a storm of 32 KiB ADDs) must not hold the caller for long either.
+DEFAULT_MAX_BATCH: Final = 64
 
 _ADD: Final = Operation.ADD
 _GET: Final = Operation.GET
@@ -49,8 +52,10 @@ class CacheService:
         self.table = table
         self.operations = 0  # requests answered, for the statistics line
 
-    def connection(self, output_budget: int = DEFAULT_OUTPUT_BUDGET) -> ServerConnection:
-        return ServerConnection(self, output_budget)
+    def connection(
+        self, output_budget: int = DEFAULT_OUTPUT_BUDGET, max_batch: int = DEFAULT_MAX_BATCH
+    ) -> ServerConnection:
+        return ServerConnection(self, output_budget, max_batch)
 
 
 class ServerConnection:
@@ -63,9 +68,11 @@ class ServerConnection:
 
     A small request can ask for a 32 KiB answer, so one read of pipelined
     requests could demand hundreds of megabytes of output. :meth:`feed`
-    therefore stops once it has produced ``output_budget`` bytes and keeps the
-    remaining requests (:attr:`pending`); the caller stops reading, sends what
-    it got and calls ``feed(b"", now)`` again once the peer has caught up.
+    therefore stops once it has produced ``output_budget`` bytes (or answered
+    ``max_batch`` requests) and keeps the remaining requests (:attr:`pending`);
+    the caller stops reading, sends what it got and calls ``feed(b"", now)``
+    again once the peer has caught up and the other connections had their turn.
+    A budget of 0 answers exactly one request per call.
     """
 
     __slots__ = (
@@ -78,12 +85,18 @@ class ServerConnection:
         "_table",
         "busy",
         "error",
+        "max_batch",
         "output_budget",
         "partial",
         "pending",
     )
 
-    def __init__(self, service: CacheService, output_budget: int = DEFAULT_OUTPUT_BUDGET) -> None:
+    def __init__(
+        self,
+        service: CacheService,
+        output_budget: int = DEFAULT_OUTPUT_BUDGET,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self._service = service
         self._table = service.table
         # Plain tuples rather than Messages: a named tuple costs more to build and
@@ -91,6 +104,7 @@ class ServerConnection:
         self._decoder = Decoder(expect_response=False, fields=True)
         self._decode = self._decoder.feed_fields
         self.output_budget = output_budget
+        self.max_batch = max(1, max_batch)
         #: Why the connection must be closed once the bytes returned so far are sent.
         self.error: ProtocolError | None = None
         # Bad input seen behind requests that still wait for the output budget:
@@ -129,6 +143,16 @@ class ServerConnection:
             self._queue, self._failure = self._decode(data)
         return self._answer_queue(now_ms)
 
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue the requests in ``data`` without answering any (the caller is out of
+        output room); later ``feed(b"", now)`` calls answer them."""
+        if self.busy:
+            self._receive_behind(data)
+        elif data:
+            self._queue, self._failure = self._decode(data)
+            self._next = 0
+        self._settle()
+
     def end_of_input(self) -> None:
         """The peer will send nothing more: a stream that ends inside a message is an error.
 
@@ -153,16 +177,17 @@ class ServerConnection:
         self._settle()
 
     def _answer_queue(self, now_ms: int) -> bytes:
-        """Answer queued requests in order until the output budget is spent."""
+        """Answer queued requests in order until the output budget or the batch is spent."""
         queue = self._queue
         start = self._next
         answer = self._answer
         budget = self.output_budget
+        stop = start + self.max_batch
         out: list[bytes] = []
         append = out.append
         size = 0
         try:
-            for message in queue[start:] if start else queue:
+            for message in queue[start:stop]:
                 response = answer(message, now_ms)
                 append(response)
                 size += len(response)

@@ -11,7 +11,11 @@ Rules the glue enforces, each learnt the hard way:
 * ``get`` returns a fresh ``d2i`` session with ``*copy = 0``: OpenSSL owns that reference.
 * The cffi callback objects live as long as the ``Context``; when the ``Context`` dies the
   callbacks are first unregistered from the ``SSL_CTX``, which may outlive it (an ``SSL``
-  switched to another context by SNI keeps the original as its session context).
+  switched to another context by SNI keeps the original as its session context, and only
+  that context's session callbacks ever run for it). So that SNI switching does not
+  silently stop sessions being stored, every ``Connection`` keeps the ``Context`` it was
+  made from alive from the start of its handshake, and a cache installed on a Context
+  that connections are only switched to is reported (once) as never used.
 * ``new`` returns 0: we keep no reference to the session.
 * A fatal alert, sent or received, reports every session the connection used or was issued
   (``on_fatal_alert``): the store is untrusted, so a session whose connection failed must not
@@ -25,6 +29,7 @@ API offers no access to the ``SSL_CTX`` / ``SSL`` pointers, and ``Connection._re
 from __future__ import annotations
 
 import _thread
+import contextlib
 import functools
 import hashlib
 import logging
@@ -56,11 +61,14 @@ _SESS_CACHE_SERVER = 0x0002
 _SESS_CACHE_NO_INTERNAL = 0x0300
 _MAX_SID_CTX_LENGTH = 32  # SSL_MAX_SID_CTX_LENGTH
 _CB_WRITE = 0x08  # SSL_CB_WRITE
+_CB_HANDSHAKE_START = 0x10  # SSL_CB_HANDSHAKE_START
 _CB_ALERT = 0x4000  # SSL_CB_ALERT
 _AL_FATAL = 2  # SSL3_AL_FATAL: the level is the high byte of the info callback's ``ret``
 _MAX_IDS_PER_CONNECTION = 16
 _REDELIVERY_DELAY_S = 0.01
 _ATTR = "_tlscache_session_callbacks"
+#: The attribute by which a Connection keeps alive the Context whose session callbacks it uses.
+_SESSION_CONTEXT_ATTR = "_tlscache_session_context"
 
 #: Version label of the default session id context, a sha256 over this label, the server
 #: certificate (DER), the accepted client CA names (DER, sorted) and the verify mode. Servers
@@ -134,20 +142,62 @@ def _connection_of(ssl: Any) -> SSL.Connection | None:
     return None if mapping is None else mapping.get(ssl)
 
 
-def _remember(ssl: Any, handler: SessionCallbacks, context: bytes, sid: bytes) -> None:
-    """Note that the connection of ``ssl`` was issued, or resumed, session ``sid``."""
+def _remember(
+    ssl: Any, handler: SessionCallbacks, context: bytes, sid: bytes
+) -> SSL.Connection | None:
+    """Note that the connection of ``ssl`` was issued, or resumed, session ``sid``; return it."""
     conn = _connection_of(ssl)
     if conn is None:
-        return
+        return None
     with _records_lock:
         rec = _records.get(conn)
         if rec is None:
             _records[conn] = _Record(handler, context, [sid])
-            return
+            return conn
         rec.handler, rec.context = handler, context
         if sid not in rec.ids:
             rec.ids.append(sid)
             del rec.ids[:-_MAX_IDS_PER_CONNECTION]
+    return conn
+
+
+# --------------------------------------------------------------------------- SNI switches
+
+# Contexts switched to whose own session cache was reported unused (once each).
+_warned_switch_targets: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+
+
+def _keep_session_context(conn: SSL.Connection, ctx: SSL.Context) -> None:
+    """Make ``conn`` keep alive ``ctx``, the Context whose session callbacks it will use.
+
+    OpenSSL runs the session callbacks of the Context an ``SSL`` was made from (its
+    session context) for its whole life, even after an SNI callback switched it to
+    another Context (``Connection.set_context``), and pyOpenSSL then drops its own
+    reference to the first one. Without this reference, dropping that Context would
+    unregister the callbacks while its connections still need them, and their sessions
+    would silently never be stored.
+    """
+    if getattr(conn, _SESSION_CONTEXT_ATTR, None) is None:
+        with contextlib.suppress(AttributeError):  # a Connection without __dict__
+            setattr(conn, _SESSION_CONTEXT_ATTR, ctx)
+
+
+def _check_switch(conn: SSL.Connection, owner: SSL.Context, handler: SessionCallbacks) -> None:
+    """Warn (once per Context) when ``conn`` was switched to a Context whose own session
+    cache is therefore never used: only ``owner``'s callbacks see this connection."""
+    current = getattr(conn, "_context", None)
+    if current is None or current is owner or current in _warned_switch_targets:
+        return
+    state: _State | None = getattr(current, _ATTR, None)
+    if state is None or state.hook.handler is handler:
+        return
+    _warned_switch_targets.add(current)
+    log.warning(
+        "a connection was switched (SNI, Connection.set_context) to a Context that has "
+        "its own session cache installed; OpenSSL only ever calls the session callbacks "
+        "of the Context a connection was made from, so that cache is never used for "
+        "its sessions: install the same cache on the Context connections are made from"
+    )
 
 
 def _forget(ssl: Any) -> _Record | None:
@@ -215,8 +265,17 @@ def _interrupt_main() -> None:
         _thread.interrupt_main()
 
 
-def _make_callbacks(res: Resolution, handler: SessionCallbacks, context: bytes) -> _Installed:
-    """Build the three cffi callbacks for ``handler`` (closures keep the hot path lean)."""
+def _make_callbacks(
+    res: Resolution,
+    handler: SessionCallbacks,
+    context: bytes,
+    owner: weakref.ref[SSL.Context],
+) -> _Installed:
+    """Build the three cffi callbacks for ``handler`` (closures keep the hot path lean).
+
+    ``owner`` is the Context they are installed on, to tell when a connection was
+    switched to another one.
+    """
     from OpenSSL._util import ffi, lib
 
     lib = getattr(lib, "_original_lib", lib)
@@ -239,7 +298,11 @@ def _make_callbacks(res: Resolution, handler: SessionCallbacks, context: bytes) 
             sid = sid_of(sess)
             if not sid:
                 return 0  # stateless ticket or no id: nothing to look up later
-            _remember(ssl, handler, context, sid)
+            conn = _remember(ssl, handler, context, sid)
+            if conn is not None:
+                ctx = owner()
+                if ctx is not None and conn._context is not ctx:
+                    _check_switch(conn, ctx, handler)
             size = i2d(sess, null)
             if size <= 0:
                 clear_errors()
@@ -311,6 +374,8 @@ class _AlertHook:
         lib = getattr(lib, "_original_lib", lib)
         self.handler = handler
         self.context = context
+        #: The Context this hook is installed on (weak: the Context holds the hook).
+        self.owner: weakref.ref[SSL.Context] | None = None
         self.previous: Any = None
         self.retired: list[Any] = []
         self._ffi = ffi
@@ -346,6 +411,14 @@ class _AlertHook:
                 handler.on_fatal_alert(context, tuple(ids))
 
         def info_cb(ssl: Any, where: int, ret: int) -> None:
+            if where & _CB_HANDSHAKE_START:
+                # Before the ClientHello, hence before any SNI switch: this Context is
+                # the connection's session context for good.
+                owner = self.owner
+                ctx = owner() if owner is not None else None
+                conn = _connection_of(ssl) if ctx is not None else None
+                if conn is not None and ctx is not None:
+                    _keep_session_context(conn, ctx)
             if where & _CB_ALERT and ret >> 8 == _AL_FATAL:
                 try:
                     fatal_alert(ssl, where)
@@ -566,7 +639,7 @@ def install_callbacks(
 
     from OpenSSL._util import ffi, lib
 
-    installed = _make_callbacks(res, handler, session_id_context)
+    installed = _make_callbacks(res, handler, session_id_context, weakref.ref(ctx))
     raw = ctx._context
     with _install_lock:
         # The bindings directly, not the Context's setters: pyOpenSSL 25.1 counts its own
@@ -587,6 +660,7 @@ def install_callbacks(
         state: _State | None = getattr(ctx, _ATTR, None)
         if state is None:
             state = _State(_AlertHook(res, handler, session_id_context))
+            state.hook.owner = weakref.ref(ctx)
             address = int(ffi.cast("uintptr_t", raw))
             try:
                 setattr(ctx, _ATTR, state)

@@ -8,6 +8,7 @@ hands it only keyed hashes of session ids and sealed values (see ``docs/security
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Final, Self
@@ -16,12 +17,24 @@ from tlscache.deadline import Deadline
 from tlscache.distcache import protocol
 from tlscache.exceptions import StoreError
 
-__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore"]
+__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore", "WriteStatus"]
 
 #: The longest session id a store must accept (TLS ids are 1..32 bytes; distcache allows 64).
 MAX_ID_LEN: Final = protocol.MAX_ID_LEN
 #: The largest value a store must accept: what one distcache ADD carries with the longest id.
 MAX_VALUE_LEN: Final = protocol.MAX_SESSION_DATA
+
+
+class WriteStatus(enum.Enum):
+    """What :meth:`SessionStore.store` knew when it returned (``None`` means ``CONFIRMED``).
+
+    The circuit breaker needs the difference: only an answer from the store says it is
+    healthy. A pipelined write that merely reached the kernel says nothing (a stopped
+    server's socket buffers take it all the same), so it must not reset the breaker.
+    """
+
+    CONFIRMED = "confirmed"  #: the store answered: this write, or an earlier one, stored
+    SENT = "sent"  #: handed on without any answer from the store yet: no verdict
 
 
 class SessionStore(ABC):
@@ -43,8 +56,14 @@ class SessionStore(ABC):
     in_process: bool = False
 
     @abstractmethod
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
-        """Keep ``value`` under ``session_id`` for ``ttl_s`` seconds (add or replace)."""
+    def store(
+        self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline
+    ) -> WriteStatus | None:
+        """Keep ``value`` under ``session_id`` for ``ttl_s`` seconds (add or replace).
+
+        Returns None or ``WriteStatus.CONFIRMED`` when the store answered, and
+        ``WriteStatus.SENT`` when the write was handed on without an answer (pipelined).
+        """
 
     @abstractmethod
     def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
@@ -89,8 +108,10 @@ class WrappingStore(SessionStore):
         self.supports_take = inner.supports_take
         self.in_process = inner.in_process
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
-        self.inner.store(session_id, value, ttl_s, deadline)
+    def store(
+        self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline
+    ) -> WriteStatus | None:
+        return self.inner.store(session_id, value, ttl_s, deadline)
 
     def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         return self.inner.fetch(session_id, deadline)

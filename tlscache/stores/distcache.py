@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Literal
 
@@ -18,7 +20,7 @@ from tlscache.exceptions import (
     describe_error,
 )
 
-from .base import SessionStore
+from .base import SessionStore, WriteStatus
 
 __all__ = ["DistcacheStore"]
 
@@ -74,7 +76,10 @@ class DistcacheStore(SessionStore):
     "no server", connection lost) makes the *next* :meth:`store` raise
     :class:`StoreError` after sending its own ADD, so a caller's failure counts
     and circuit breaker still see a failing store; :attr:`write_failures`
-    counts them. ``confirm_writes=True`` waits for every reply instead (one
+    counts them. A pipelined :meth:`store` returns ``WriteStatus.SENT``: no answer
+    yet, so no verdict on the server's health for a circuit breaker (a stopped
+    server's socket buffers take writes too); ``CONFIRMED`` when a reply was read
+    meanwhile. ``confirm_writes=True`` waits for every reply instead (one
     round trip per write); ``on_exists="replace"`` always does.
 
     Each call hands its :class:`~tlscache.deadline.Deadline` to the client as it
@@ -113,15 +118,16 @@ class DistcacheStore(SessionStore):
         if not 0 < len(session_id) <= MAX_ID_LEN:
             raise StoreError(f"session id length {len(session_id)} outside 1..{MAX_ID_LEN}")
 
-    def store(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> None:
+    def store(
+        self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline
+    ) -> WriteStatus:
         self._check_id(session_id)
         if not value:
             raise StoreError("empty session value")
         timeout_ms = min(MAX_TIMEOUT_MS, max(0, math.ceil(ttl_s * 1000.0)))
         if not self.confirm_writes and self.on_exists == "keep":
-            self._store_nowait(session_id, value, timeout_ms, deadline)
-            return
-        with _ADD:
+            return self._store_nowait(session_id, value, timeout_ms, deadline)
+        with self._reporting(), _ADD:
             result = self._client.add(session_id, value, timeout_ms, deadline=deadline)
             if result == Result.ADD_MATCHING_SESSION and self.on_exists == "replace":
                 self._client.remove(session_id, deadline=deadline)
@@ -129,29 +135,46 @@ class DistcacheStore(SessionStore):
         if result == Result.OK or (
             result == Result.ADD_MATCHING_SESSION and self.on_exists == "keep"
         ):
-            return
+            return WriteStatus.CONFIRMED
         raise StoreError(f"distcache add refused: {Result(result).name}")
 
     def _store_nowait(
         self, session_id: bytes, value: bytes, timeout_ms: int, deadline: Deadline
-    ) -> None:
-        with _ADD:
+    ) -> WriteStatus:
+        """Send the ADD. ``SENT`` unless a reply the server sent was read meanwhile (an
+        earlier write's, on the reused connection): that is an answer, ``CONFIRMED``."""
+        confirmed = self._client.nowait_confirmed
+        with self._reporting(), _ADD:
             self._client.add_nowait(session_id, value, timeout_ms, deadline=deadline)
         failures = self._client.nowait_failures
         if failures != self._failures_reported:
             new, self._failures_reported = failures - self._failures_reported, failures
             raise StoreError(f"{new} earlier distcache write(s) not stored")
+        if self._client.nowait_confirmed != confirmed:
+            return WriteStatus.CONFIRMED
+        return WriteStatus.SENT
+
+    @contextlib.contextmanager
+    def _reporting(self) -> Iterator[None]:
+        """A call that fails has reported the failure: the pipelined writes its broken
+        connection took down with it are not reported again by the next :meth:`store`
+        (that would count one outage twice, and fail a recovered store's first write)."""
+        try:
+            yield
+        except BaseException:
+            self._failures_reported = self._client.nowait_failures
+            raise
 
     def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return None  # such an id can never have been stored
-        with _GET:
+        with self._reporting(), _GET:
             return self._client.get(session_id, deadline=deadline)
 
     def delete(self, session_id: bytes, deadline: Deadline) -> None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return
-        with _REMOVE:
+        with self._reporting(), _REMOVE:
             self._client.remove(session_id, deadline=deadline)
 
     def contains(self, session_id: bytes, deadline: Deadline | None = None) -> bool:
@@ -159,7 +182,7 @@ class DistcacheStore(SessionStore):
 
         Without a deadline, the client's default one applies.
         """
-        with _HAVE:
+        with self._reporting(), _HAVE:
             return self._client.have(session_id, deadline=deadline)
 
     def close(self) -> None:
