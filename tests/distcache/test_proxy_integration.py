@@ -185,8 +185,12 @@ def test_server_killed_then_restarted(tmp_path: Path) -> None:
     assert before and set(before) == {b"\x01"}
     assert during and set(during) <= {b"", b"\x02", b"\x01"}
     assert b"" in during  # answered "no server" while it was down
-    assert max(d for _, d, _ in log) < 0.2  # nobody hung
-    assert back < RETRY_MS / 1000 + 1.0
+    # Nobody hung: a request caught by the kill is answered when the link drops, not after
+    # dc_client's 1 s request timeout (a loaded machine adds scheduling delay, not seconds).
+    slowest = max(d for _, d, _ in log)
+    state = f"slowest answer {slowest:.3f} s, back after {back:.3f} s, {len(log)} requests"
+    assert slowest < 0.9, state
+    assert back < RETRY_MS / 1000 + 1.0, state
 
 
 class FakeServer:
