@@ -20,6 +20,7 @@ from tlscache.distcache.multiplexer import (
     LocalClient,
     Multiplexer,
     Output,
+    ProxyLimits,
     ResetUpstream,
     Suppressed,
     Upstream,
@@ -49,7 +50,7 @@ class Harness:
 
     def __init__(self, **kw: int) -> None:
         self.now = 100.0
-        self.core: Multiplexer[str] = Multiplexer(**kw)
+        self.core: Multiplexer[str] = Multiplexer(ProxyLimits(**kw))
         self.clients: dict[str, LocalClient[str]] = {}
         self.upstream = bytearray()
         self.to_client: dict[str, bytearray] = {}
@@ -375,7 +376,7 @@ def test_idle_clients_are_closed() -> None:
 
 
 def test_max_clients() -> None:
-    core: Multiplexer[int] = Multiplexer(max_clients=2)
+    core: Multiplexer[int] = Multiplexer(ProxyLimits(max_clients=2))
     assert core.add_client(1, 0.0) is not None
     assert core.add_client(2, 0.0) is not None
     assert core.add_client(3, 0.0) is None

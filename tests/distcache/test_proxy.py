@@ -12,6 +12,7 @@ from typing import cast
 
 from tests.procs import free_port
 from tlscache.distcache.address import parse_address
+from tlscache.distcache.multiplexer import ProxyLimits
 from tlscache.distcache.protocol import Decoder, Message, Operation, encode_have, encode_response
 from tlscache.distcache.proxy import ProxyServer
 from tlscache.distcache.sockets import listen
@@ -40,7 +41,9 @@ class Silent(FakeServer):
 async def proxy(tmp_path: Path, upstream_port: int, **options: int) -> AsyncIterator[str]:
     path = str(tmp_path / "p.sock")
     sock = listen(parse_address(f"UNIX:{path}"))
-    server = ProxyServer(sock, parse_address(f"IP:127.0.0.1:{upstream_port}"), **options)
+    server = ProxyServer(
+        sock, parse_address(f"IP:127.0.0.1:{upstream_port}"), ProxyLimits(**options)
+    )
     task = asyncio.create_task(server.serve())
     try:
         yield path

@@ -12,7 +12,7 @@ from __future__ import annotations
 import atheris
 
 from tests.fuzz.seeds import encoded_requests, recorded_requests
-from tlscache.distcache.multiplexer import ConnectUpstream, LocalClient, Multiplexer
+from tlscache.distcache.multiplexer import ConnectUpstream, LocalClient, Multiplexer, ProxyLimits
 from tlscache.distcache.protocol import Decoder, Message, encode_response
 
 _STEPS = 12
@@ -21,11 +21,13 @@ _STEPS = 12
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     mux: Multiplexer[int] = Multiplexer(
-        retry_ms=1 + fdp.ConsumeIntInRange(0, 50),
-        idle_ms=fdp.ConsumeIntInRange(0, 100),
-        request_timeout_ms=1 + fdp.ConsumeIntInRange(0, 100),
-        max_in_flight=1 + fdp.ConsumeIntInRange(0, 8),
-        max_clients=1 + fdp.ConsumeIntInRange(0, 4),
+        ProxyLimits(
+            retry_ms=1 + fdp.ConsumeIntInRange(0, 50),
+            idle_ms=fdp.ConsumeIntInRange(0, 100),
+            request_timeout_ms=1 + fdp.ConsumeIntInRange(0, 100),
+            max_in_flight=1 + fdp.ConsumeIntInRange(0, 8),
+            max_clients=1 + fdp.ConsumeIntInRange(0, 4),
+        )
     )
     now = 1000.0
     clients: dict[int, LocalClient[int]] = {}

@@ -39,6 +39,7 @@ from tlscache.distcache.multiplexer import (
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_MS,
     DEFAULT_WRITE_STALL_MS,
+    ProxyLimits,
 )
 from tlscache.distcache.proxy import ProxyServer
 
@@ -187,16 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxy = ProxyServer(
                 sock,
                 server_addr,
-                retry_ms=args.retry,
-                idle_ms=args.idle,
-                request_timeout_ms=args.request_timeout,
-                max_in_flight=args.max_in_flight,
-                max_clients=args.max_clients,
-                client_in_flight=args.client_in_flight,
-                client_output_budget=args.client_output_budget,
-                write_stall_ms=args.write_stall_timeout,
-                max_buffered=args.max_buffered,
-                evict_idle_ms=args.evict_idle,
+                ProxyLimits(
+                    retry_ms=args.retry,
+                    idle_ms=args.idle,
+                    request_timeout_ms=args.request_timeout,
+                    max_in_flight=args.max_in_flight,
+                    max_clients=args.max_clients,
+                    client_in_flight=args.client_in_flight,
+                    client_output_budget=args.client_output_budget,
+                    write_stall_ms=args.write_stall_timeout,
+                    max_buffered=args.max_buffered,
+                    evict_idle_ms=args.evict_idle,
+                ),
             )
             signals.attach(loop, proxy.stop)
             if not signals.requested:

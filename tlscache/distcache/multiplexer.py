@@ -297,40 +297,51 @@ class Stats:
     suppressed_logs: int = 0
 
 
-class Multiplexer(Generic[T]):
-    """The sans-IO proxy core. ``now`` arguments are monotonic seconds."""
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """dc_client's policy, one value object shared by the core, the shell and the CLI."""
 
-    def __init__(
-        self,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        idle_ms: int = 0,
-        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_clients: int = DEFAULT_MAX_CLIENTS,
-        client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT,
-        client_output_budget: int = DEFAULT_CLIENT_OUTPUT_BUDGET,
-        write_stall_ms: int = DEFAULT_WRITE_STALL_MS,
-        max_buffered: int = DEFAULT_MAX_BUFFERED,
-        evict_idle_ms: int = DEFAULT_EVICT_IDLE_MS,
-    ) -> None:
-        if min(max_in_flight, max_clients, retry_ms, client_in_flight) < 1:
+    retry_ms: int = DEFAULT_RETRY_MS  # between attempts to reach the server
+    idle_ms: int = 0  # close a local connection idle this long (0: never)
+    request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS  # answer 0x02 after this long
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # requests outstanding upstream
+    max_clients: int = DEFAULT_MAX_CLIENTS  # local connections at once
+    client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT  # upstream slots of one connection
+    client_output_budget: int = DEFAULT_CLIENT_OUTPUT_BUDGET  # unsent answers of one
+    write_stall_ms: int = DEFAULT_WRITE_STALL_MS  # over budget this long: closed
+    max_buffered: int = DEFAULT_MAX_BUFFERED  # unsent answers of all connections
+    evict_idle_ms: int = DEFAULT_EVICT_IDLE_MS  # at the cap, idle this long: displaceable
+
+    def __post_init__(self) -> None:
+        if min(self.max_in_flight, self.max_clients, self.retry_ms, self.client_in_flight) < 1:
             raise ValueError(
                 "max_in_flight, max_clients, client_in_flight and retry_ms must be positive"
             )
-        if min(client_output_budget, write_stall_ms, max_buffered) < 1 or evict_idle_ms < 0:
+        if (
+            min(self.client_output_budget, self.write_stall_ms, self.max_buffered) < 1
+            or self.evict_idle_ms < 0
+        ):
             raise ValueError("output budget, stall timeout and buffer cap must be positive")
-        self.retry = retry_ms / 1000.0
-        self.idle = idle_ms / 1000.0
-        self.request_timeout = request_timeout_ms / 1000.0
-        self.max_in_flight = max_in_flight
-        self.max_clients = max_clients
-        self.client_in_flight = client_in_flight
-        self.client_output_budget = client_output_budget
+
+
+class Multiplexer(Generic[T]):
+    """The sans-IO proxy core. ``now`` arguments are monotonic seconds."""
+
+    def __init__(self, limits: ProxyLimits | None = None) -> None:
+        limits = ProxyLimits() if limits is None else limits
+        self.limits = limits
+        self.retry = limits.retry_ms / 1000.0
+        self.idle = limits.idle_ms / 1000.0
+        self.request_timeout = limits.request_timeout_ms / 1000.0
+        self.max_in_flight = limits.max_in_flight
+        self.max_clients = limits.max_clients
+        self.client_in_flight = limits.client_in_flight
+        self.client_output_budget = limits.client_output_budget
         #: A blocked client is forwarded to again once its output is down to this.
-        self.client_output_low = client_output_budget // 4
-        self.write_stall = write_stall_ms / 1000.0
-        self.max_buffered = max_buffered
-        self.evict_idle = evict_idle_ms / 1000.0
+        self.client_output_low = limits.client_output_budget // 4
+        self.write_stall = limits.write_stall_ms / 1000.0
+        self.max_buffered = limits.max_buffered
+        self.evict_idle = limits.evict_idle_ms / 1000.0
         self.stats = Stats()
         self.buffered = 0  # unsent answer bytes of all clients together
         # Clients over their output budget, in the order they became so.

@@ -31,15 +31,6 @@ from typing import NamedTuple, cast
 from tlscache.distcache import sockets
 from tlscache.distcache.address import Address
 from tlscache.distcache.multiplexer import (
-    DEFAULT_CLIENT_IN_FLIGHT,
-    DEFAULT_CLIENT_OUTPUT_BUDGET,
-    DEFAULT_EVICT_IDLE_MS,
-    DEFAULT_MAX_BUFFERED,
-    DEFAULT_MAX_CLIENTS,
-    DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_REQUEST_TIMEOUT_MS,
-    DEFAULT_RETRY_MS,
-    DEFAULT_WRITE_STALL_MS,
     BadInput,
     ClientEvicted,
     ClientIdle,
@@ -48,6 +39,7 @@ from tlscache.distcache.multiplexer import (
     Event,
     LocalClient,
     Multiplexer,
+    ProxyLimits,
     ResetUpstream,
     Suppressed,
     UpstreamLost,
@@ -281,31 +273,11 @@ class ProxyServer:
         self,
         listener: socket.socket,
         server_address: Address,
+        limits: ProxyLimits | None = None,
         *,
-        retry_ms: int = DEFAULT_RETRY_MS,
-        idle_ms: int = 0,
-        request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_clients: int = DEFAULT_MAX_CLIENTS,
-        client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT,
-        client_output_budget: int = DEFAULT_CLIENT_OUTPUT_BUDGET,
-        write_stall_ms: int = DEFAULT_WRITE_STALL_MS,
-        max_buffered: int = DEFAULT_MAX_BUFFERED,
-        evict_idle_ms: int = DEFAULT_EVICT_IDLE_MS,
         connect_timeout: float = 2.0,
     ) -> None:
-        self.core: Multiplexer[_Local] = Multiplexer(
-            retry_ms=retry_ms,
-            idle_ms=idle_ms,
-            request_timeout_ms=request_timeout_ms,
-            max_in_flight=max_in_flight,
-            max_clients=max_clients,
-            client_in_flight=client_in_flight,
-            client_output_budget=client_output_budget,
-            write_stall_ms=write_stall_ms,
-            max_buffered=max_buffered,
-            evict_idle_ms=evict_idle_ms,
-        )
+        self.core: Multiplexer[_Local] = Multiplexer(limits)
         self._listener = listener
         self._server_address = server_address
         self._connect_timeout = connect_timeout
