@@ -13,7 +13,8 @@ demo: setup
 farm: setup
 	$(VENV)/bin/tlscache-farm
 
-test: setup
+test:
+	@scripts/bootstrap.sh --tests
 	$(VENV)/bin/ruff check tlscache server tests bench
 	$(VENV)/bin/ruff format --check tlscache server tests bench
 	$(VENV)/bin/mypy tlscache server

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian tools the tests and demo use, then a virtualenv
 # with tlscache installed (editable) and its development tools.
+# --tests: also the servers the tests start (memcached, Redis, Apache httpd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ "${1:-}" = "--tests" ]; then
+  # The stores' and the mixed farm's tests start real servers of each kind.
+  command -v memcached >/dev/null 2>&1 || [ -x /usr/bin/memcached ] || need+=(memcached)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+  command -v apache2 >/dev/null 2>&1 || [ -x /usr/sbin/apache2 ] || need+=(apache2)
+fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

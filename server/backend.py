@@ -31,7 +31,8 @@ from OpenSSL import SSL
 
 from . import httpd
 from . import status as status_page
-from .config import BackendConfig, CacheConfig, parse_backend_args
+from .cacheservers import KeyShares
+from .config import STORE_MODES, BackendConfig, CacheConfig, parse_backend_args
 from .records import (
     BackendStatus,
     ConnectionInfo,
@@ -39,6 +40,7 @@ from .records import (
     HandshakeCounts,
     HandshakeLatency,
     Percentiles,
+    StoreServer,
     encode,
 )
 
@@ -83,18 +85,33 @@ class SessionCacheSetup:
     Sessions are sealed with the key ring ``keys`` before they reach the store: dc_server is
     shared by every host, so what it holds must be useless to anyone who can read or write it.
     The cache re-reads the ring when it changes, so a rotation needs no restart.
+    With memcached or Redis the store comes from the store string ``store``, and counts the
+    sessions it places on each server (:class:`~.cacheservers.KeyShares`).
     """
 
-    def __init__(self, config: CacheConfig, dc_address: str | None, keys: str | None) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        dc_address: str | None,
+        keys: str | None,
+        store: str | None = None,
+        apache: tuple[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.dc_address = dc_address
         self.keys = keys
+        self.store = store
+        self.apache = apache  # (ServerName, SSLSessionCache): store as Apache mod_ssl does
         self.cache: SessionCache | None = None
+        self.shares: KeyShares | None = None
 
     def install(self, ctx: SSL.Context) -> None:
         if self.config.mode == "none":
             ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
             ctx.set_options(SSL.OP_NO_TICKET)  # TLS 1.3: stateful tickets nobody can look up
+            return
+        if self.apache is not None:
+            self._install_apache(ctx, *self.apache)
             return
         import tlscache
 
@@ -106,17 +123,60 @@ class SessionCacheSetup:
                     "--cache distcache needs --keys PATH (create one: tlscache-keys generate PATH)"
                 )
             store: tlscache.SessionStore = tlscache.DistcacheStore(self.dc_address)
+        elif self.config.mode in STORE_MODES:
+            store = self._shared_store()
         else:
             store = tlscache.MemoryStore()
         self.cache = tlscache.SessionCache(
             store,
             timeout=self.config.session_timeout,
             deadline_ms=self.config.deadline_ms,
+            breaker_reset_s=self.config.breaker_reset_s,
             session_id_context=SESSION_ID_CONTEXT,
             async_writes=self.config.writes == "async",
             keys=self.keys,
         )
         self.cache.install(ctx)
+
+    def _shared_store(self) -> KeyShares:
+        """The memcached or Redis store of ``--store``, sealed like distcache's."""
+        from tlscache.exceptions import ConfigurationError
+        from tlscache.stores.spec import open_store
+
+        mode = self.config.mode
+        if not self.store or not self.keys:
+            raise SystemExit(f"--cache {mode} needs --store SPEC and --keys PATH")
+        try:
+            self.shares = KeyShares(open_store(self.store))
+        except ConfigurationError as exc:
+            raise SystemExit(f"--store: {exc}") from None
+        return self.shares
+
+    def _install_apache(self, ctx: SSL.Context, server_name: str, session_cache: str) -> None:
+        """Sessions shared with Apache httpd: unsealed, under mod_ssl's keys, placement, TTL
+        and session id context (:mod:`tlscache.apache`, docs/apache.md)."""
+        from tlscache.apache import ApacheCompat
+        from tlscache.exceptions import ConfigurationError
+
+        try:
+            compat = ApacheCompat.from_directives(
+                server_name, session_cache, self.config.session_timeout
+            )
+            self.shares = KeyShares(compat.open_store())
+        except ConfigurationError as exc:
+            raise SystemExit(f"--apache-session-cache: {exc}") from None
+        apache = compat.session_cache_for(
+            self.shares,
+            deadline_ms=self.config.deadline_ms,
+            breaker_reset_s=self.config.breaker_reset_s,
+            async_writes=self.config.writes == "async",
+        )
+        apache.install(ctx)
+        self.cache = apache.cache
+
+    def store_servers(self) -> list[StoreServer]:
+        """Each server of the store: health and the sessions stored on it (empty without)."""
+        return self.shares.shares() if self.shares is not None else []
 
     def close(self) -> None:
         """Finish session writes (queued or still owed a reply) before the process exits."""
@@ -164,7 +224,12 @@ class Backend:
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
-        self.cache = SessionCacheSetup(config.cache, config.dc_address, config.keys)
+        apache = None
+        if config.apache_server_name and config.apache_session_cache:
+            apache = (config.apache_server_name, config.apache_session_cache)
+        self.cache = SessionCacheSetup(
+            config.cache, config.dc_address, config.keys, config.store, apache
+        )
         self.ctx = self._make_context()
         self.started = time.time()
         self.stop_event = threading.Event()
@@ -353,6 +418,8 @@ class Backend:
             handshake_ms=HandshakeLatency(Percentiles.of(full_ms), Percentiles.of(res_ms)),
             cache=cache,
             cache_error=cache_error,
+            store=cfg.store,
+            store_servers=self.cache.store_servers(),
         )
 
 

@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=20000,
         help="dc_server -sessions (64-60000; default 20000)",
     )
+    p.add_argument(
+        "--cache-servers",
+        type=int,
+        metavar="N",
+        default=2,
+        help="memcached servers with --cache memcached (1-16, default 2)",
+    )
+    p.add_argument(
+        "--with-apache",
+        action="store_true",
+        help="add Apache httpd (mod_ssl) behind the balancer, sharing sessions with the backends "
+        "through --cache memcached or redis; the backends then store sessions as mod_ssl does, "
+        "UNSEALED (see docs/apache.md)",
+    )
     p.add_argument("--report", action="store_true", help="run the workload, print the table, exit")
     defaults = WorkloadConfig()
     for f in dataclasses.fields(WorkloadConfig):
@@ -120,12 +134,20 @@ def check_args(args: argparse.Namespace) -> str | None:
     top = 65535 - 100 - args.backends
     if args.base_port is not None and args.base_port != 0 and not 1 <= args.base_port <= top:
         return f"--base-port must be 1..{top} with {args.backends} backends (0: any free ports)"
+    if not 1 <= args.cache_servers <= 16:
+        return "--cache-servers must be 1..16"
     if not 64 <= args.sessions <= 60000:
         return "--sessions must be 64..60000"
     if args.session_timeout < 1 or args.dc_retry < 1 or args.cache_deadline_ms <= 0:
         return "--session-timeout, --dc-retry and --cache-deadline-ms must be positive"
+    if args.cache_breaker_reset_s <= 0:
+        return "--cache-breaker-reset-s must be positive"
     if args.clients < 1 or args.reconnects < 0 or args.concurrency < 1:
         return "--clients and --concurrency must be at least 1, --reconnects at least 0"
+    if args.with_apache and args.cache not in ("memcached", "redis"):
+        return "--with-apache needs --cache memcached or --cache redis (what mod_ssl can share)"
+    if args.with_apache and args.report:
+        return "--with-apache is for a farm to use, not --report (which compares cache modes)"
     if bool(args.cert) != bool(args.key):
         return "--cert and --key go together"
     for option, path in (("--cert", args.cert), ("--key", args.key), ("--ca", args.ca)):
@@ -160,6 +182,8 @@ def farm_config(args: argparse.Namespace, certs: CertPaths) -> FarmConfig:
         run_dir=args.run_dir,
         dc_retry_ms=args.dc_retry,
         sessions=args.sessions,
+        cache_servers=args.cache_servers,
+        with_apache=args.with_apache,
     )
 
 

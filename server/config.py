@@ -19,10 +19,19 @@ from .certs import CertPaths
 HOST = "127.0.0.1"
 
 TlsVersion = Literal["1.2", "1.3"]
-CacheMode = Literal["distcache", "memory", "none"]
+CacheMode = Literal["distcache", "memory", "none", "memcached", "redis", "redis-cluster"]
 WriteMode = Literal["sync", "async"]
 TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
-CACHE_MODES: tuple[CacheMode, ...] = ("distcache", "memory", "none")
+CACHE_MODES: tuple[CacheMode, ...] = (
+    "distcache",
+    "memory",
+    "none",
+    "memcached",
+    "redis",
+    "redis-cluster",
+)
+#: The modes whose cache servers the farm starts and the backends reach by a store string.
+STORE_MODES: tuple[CacheMode, ...] = ("memcached", "redis", "redis-cluster")
 WRITE_MODES: tuple[WriteMode, ...] = ("sync", "async")
 
 
@@ -38,6 +47,7 @@ class CacheConfig:
     session_timeout: int = 300
     deadline_ms: float = 100.0
     writes: WriteMode = "sync"
+    breaker_reset_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,12 @@ class BackendConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     dc_address: str | None = None
     keys: str | None = None  # key ring file that seals sessions (needed with distcache)
+    store: str | None = None  # store string (tlscache.stores.spec) of a memcached/Redis cache
     max_connections: int = 128
     idle_timeout: float = 5.0
+    # Apache-compatible storage (tlscache.apache), with an Apache httpd in the farm:
+    apache_server_name: str | None = None  # Apache's ServerName host:port (session id context)
+    apache_session_cache: str | None = None  # Apache's SSLSessionCache argument
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,8 @@ class FarmConfig:
     run_dir: Path | None = None
     dc_retry_ms: int = 500
     sessions: int = 20000
+    cache_servers: int = 2  # memcached servers with --cache memcached
+    with_apache: bool = False  # an Apache httpd behind the balancer too (docs/apache.md)
 
     def backend(
         self,
@@ -91,6 +107,7 @@ class FarmConfig:
         admin_port: int,
         dc_address: str | None,
         keys: str | None = None,
+        store: str | None = None,
     ) -> BackendConfig:
         """The settings of backend ``index`` (1-based) of this farm; ``keys``: the run's key
         ring."""
@@ -104,6 +121,7 @@ class FarmConfig:
             cache=self.cache,
             dc_address=dc_address,
             keys=keys,
+            store=store,
         )
 
 
@@ -124,8 +142,9 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
         "--cache",
         choices=CACHE_MODES,
         default=default.mode,
-        help="distcache: shared through dc_server (default); memory: each backend its own "
-        "in-process cache (not shared); none: no session cache",
+        help="distcache: shared through dc_server (default); memcached, redis, redis-cluster: "
+        "shared through servers the farm starts (memcached, redis-server); memory: each backend "
+        "its own in-process cache (not shared); none: no session cache",
     )
     p.add_argument(
         "--session-timeout",
@@ -150,6 +169,14 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
         "first response, so a client that reconnects right after it finds the session; async: "
         "from a writer thread (a fast reconnect can then miss)",
     )
+    p.add_argument(
+        "--cache-breaker-reset-s",
+        type=float,
+        metavar="S",
+        default=default.breaker_reset_s,
+        help="after the circuit breaker opens, seconds before a backend tries its cache again "
+        f"(default {default.breaker_reset_s:g}, as the library)",
+    )
 
 
 def cache_config(args: argparse.Namespace) -> CacheConfig:
@@ -159,6 +186,7 @@ def cache_config(args: argparse.Namespace) -> CacheConfig:
         session_timeout=args.session_timeout,
         deadline_ms=args.cache_deadline_ms,
         writes=cast(WriteMode, args.cache_writes),
+        breaker_reset_s=args.cache_breaker_reset_s,
     )
 
 
@@ -173,12 +201,18 @@ def backend_argv(cfg: BackendConfig) -> list[str]:
     argv += ["--cert", cfg.cert, "--key", cfg.key, "--tls", cfg.tls, "--cache", c.mode]
     argv += ["--session-timeout", str(c.session_timeout)]
     argv += ["--cache-deadline-ms", str(c.deadline_ms), "--cache-writes", c.writes]
+    argv += ["--cache-breaker-reset-s", str(c.breaker_reset_s)]
     argv += ["--max-connections", str(cfg.max_connections)]
     argv += ["--idle-timeout", str(cfg.idle_timeout)]
     if cfg.dc_address:
         argv += ["--dc-address", cfg.dc_address]
     if cfg.keys:
         argv += ["--keys", cfg.keys]
+    if cfg.store:
+        argv += ["--store", cfg.store]
+    if cfg.apache_server_name and cfg.apache_session_cache:
+        argv += ["--apache-server-name", cfg.apache_server_name]
+        argv += ["--apache-session-cache", cfg.apache_session_cache]
     return argv
 
 
@@ -201,6 +235,23 @@ def parse_backend_args(argv: list[str] | None) -> BackendConfig:
         help="key ring that seals sessions in the store (tlscache-keys generate PATH); "
         "required with --cache distcache, re-read when it changes",
     )
+    p.add_argument(
+        "--store",
+        metavar="SPEC",
+        help="store string of the shared cache with --cache memcached/redis/redis-cluster, "
+        "e.g. memcached:127.0.0.1:11211,127.0.0.1:11212 (see docs/configuration.md)",
+    )
+    p.add_argument(
+        "--apache-server-name",
+        metavar="HOST:PORT",
+        help="store sessions as Apache mod_ssl does (unsealed; see docs/apache.md), with the "
+        "session id context of this ServerName; needs --apache-session-cache",
+    )
+    p.add_argument(
+        "--apache-session-cache",
+        metavar="SPEC",
+        help="Apache's SSLSessionCache argument (memcache:H:P,H:P or redis:H:P)",
+    )
     p.add_argument("--max-connections", type=int, default=default.max_connections)
     p.add_argument(
         "--idle-timeout", type=float, default=default.idle_timeout, help="keep-alive idle, s"
@@ -218,6 +269,9 @@ def parse_backend_args(argv: list[str] | None) -> BackendConfig:
         cache=cache_config(a),
         dc_address=a.dc_address,
         keys=a.keys,
+        store=a.store,
+        apache_server_name=a.apache_server_name,
+        apache_session_cache=a.apache_session_cache,
         max_connections=a.max_connections,
         idle_timeout=a.idle_timeout,
     )

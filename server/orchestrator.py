@@ -8,6 +8,7 @@ the farm's status and control page, :mod:`.cli` is the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import urllib.request
@@ -18,6 +19,15 @@ from typing import TextIO, TypeVar
 from tlscache.exceptions import ClientError, KeyRingError
 from tlscache.keyring import KeyRing
 
+from . import apache
+from .cacheservers import (
+    CacheServer,
+    cache_servers,
+    create_cluster,
+    merge_servers,
+    missing_binaries,
+    store_spec,
+)
 from .config import HOST, FarmConfig, FarmError, backend_argv
 from .control import TOKEN_FILE, TOKEN_HEADER, start_control_page
 from .ports import PortPlan, plan_ports
@@ -51,6 +61,8 @@ class Farm:
         self._own_run_dir = False
         self.dc_server_address = ""
         self.keys: Path | None = None
+        self.cache_servers: list[CacheServer] = []  # memcached / redis-server, if any
+        self.store: str | None = None  # the backends' store string, with cache servers
 
     def __enter__(self) -> Farm:
         self.start()
@@ -66,6 +78,9 @@ class Farm:
     def plan(self) -> None:
         """Ports (checked before any directory is made), the run directory, the key ring, the
         processes."""
+        missing = missing_binaries(self.config.cache.mode)
+        if missing:
+            raise FarmError(missing)
         self.ports = plan_ports(self.config)
         self.run_dir, self._own_run_dir = make_run_dir(self.config.run_dir)
         try:
@@ -76,6 +91,7 @@ class Farm:
         procs = self._cache_server()
         for i in range(1, self.config.backends + 1):
             procs += self._host(i)
+        procs += self._apache()
         procs.append(self._balancer())
         self.supervisor.procs = procs
 
@@ -98,9 +114,14 @@ class Farm:
         return Proc(name, argv, address, ready or address, self.run_dir / f"{name}.log")
 
     def _cache_server(self) -> list[Proc]:
-        """dc_server, with ``--cache distcache`` only."""
-        if self.config.cache.mode != "distcache":
-            return []
+        """dc_server with ``--cache distcache``; memcached or redis-servers with those modes."""
+        mode = self.config.cache.mode
+        if mode != "distcache":
+            self.cache_servers = cache_servers(
+                mode, self.ports.cache_servers, self.ports.cluster_buses, self.run_dir
+            )
+            self.store = store_spec(mode, [c.address for c in self.cache_servers])
+            return [self._proc(c.name, c.argv, c.address, c.ready) for c in self.cache_servers]
         self.dc_server_address = address = f"IP:{HOST}:{self.ports.dc_server}"
         argv = tool("dc_server", "-listen", address, "-sessions", str(self.config.sessions))
         return [self._proc("dc_server", argv, address)]
@@ -116,7 +137,14 @@ class Farm:
             procs.append(self._proc(f"dc_client-{i}", argv, dcc))
         ports = self.ports.backends[i - 1]
         keys = str(self.keys) if self.keys else None
-        backend = self.config.backend(i, ports.tls, ports.admin, dcc, keys)
+        backend = self.config.backend(i, ports.tls, ports.admin, dcc, keys, self.store)
+        if self.config.with_apache:
+            # Apache's ServerName is the balancer's: one session id context for the farm.
+            backend = dataclasses.replace(
+                backend,
+                apache_server_name=f"{apache.SERVER_NAME}:{self.config.port}",
+                apache_session_cache=self._apache_session_cache(),
+            )
         url = f"https://{HOST}:{ports.tls}/"
         # Probing the TLS port would count as a failed handshake: poll the status port.
         procs.append(
@@ -124,12 +152,41 @@ class Farm:
         )
         return procs
 
+    def _apache_session_cache(self) -> str:
+        """The farm's cache servers as Apache's ``SSLSessionCache`` names them."""
+        return apache.session_cache_directive(
+            self.config.cache.mode, [c.address for c in self.cache_servers]
+        )
+
+    def _apache(self) -> list[Proc]:
+        """Apache httpd behind the balancer with ``--with-apache`` (see :mod:`.apache`)."""
+        if not self.config.with_apache or self.ports.apache is None:
+            return []
+        cfg = apache.ApacheConfig(
+            run_dir=self.run_dir,
+            port=self.ports.apache,
+            cert=str(self.config.certs.cert),
+            key=str(self.config.certs.key),
+            session_cache=self._apache_session_cache(),
+            server_name=apache.SERVER_NAME,
+            public_port=self.config.port,
+            session_timeout=self.config.cache.session_timeout,
+            tls=self.config.tls,
+        )
+        binary = apache.find_apache()
+        if binary is None:
+            raise FarmError(apache.MISSING)
+        argv = apache.apache_argv(apache.write_config(cfg), binary)
+        return [self._proc(cfg.name, argv, f"https://{HOST}:{cfg.port}/", f"IP:{HOST}:{cfg.port}")]
+
     def _balancer(self) -> Proc:
         port, admin = self.config.port, self.ports.balancer_admin
         argv = [sys.executable, "-m", "tlscache_farm.balancer", "--host", HOST]
         argv += ["--port", str(port), "--admin-port", str(admin)]
         for ports in self.ports.backends:
             argv += ["--backend", f"{HOST}:{ports.tls}"]
+        if self.ports.apache is not None:
+            argv += ["--backend", f"{HOST}:{self.ports.apache}"]
         # A probe of the TLS port would reach a backend: poll the status port.
         return self._proc("balancer", argv, f"https://localhost:{port}/", f"IP:{HOST}:{admin}")
 
@@ -142,9 +199,10 @@ class Farm:
         connected, open the backends' circuit breakers, and cost seconds of resumption.
         """
         self.plan()
+        caches = {c.name for c in self.cache_servers}
         stages = [
-            [p for p in self.procs if p.name == "dc_server"],
-            [p for p in self.procs if p.name.startswith(("dc_client", "backend"))],
+            [p for p in self.procs if p.name == "dc_server" or p.name in caches],
+            [p for p in self.procs if p.name.startswith(("dc_client", "backend", "apache"))],
             [p for p in self.procs if p.name == "balancer"],
         ]
         try:
@@ -153,9 +211,12 @@ class Farm:
             self._remove_run_dir()
             raise
 
-    @staticmethod
-    def _when_ready(proc: Proc) -> None:
-        """Until a lookup through a dc_client reaches dc_server (a miss, not an error)."""
+    def _when_ready(self, proc: Proc) -> None:
+        """Until a lookup through a dc_client reaches dc_server (a miss, not an error); once
+        the last node of a Redis Cluster listens, until the cluster is formed."""
+        last = self.cache_servers[-1].name if self.cache_servers else None
+        if self.config.cache.mode == "redis-cluster" and proc.name == last:
+            create_cluster([c.address for c in self.cache_servers])
         if proc.name.startswith("dc_client"):
             try:
                 wait_proxy_connected(proc.address, START_TIMEOUT)
@@ -202,6 +263,9 @@ class Farm:
             processes=[p.info() for p in self.procs],
             keys=str(self.keys) if self.keys else None,
             balancer_status=f"http://{HOST}:{self.ports.balancer_admin}/status.json",
+            cache_servers=merge_servers(
+                [(c.name, c.address) for c in self.cache_servers], backends
+            ),
         )
 
     def describe(self, out: TextIO, status_port: int | None = None) -> None:
@@ -221,7 +285,14 @@ class Farm:
             extra = f" (status http://{HOST}:{admin[p.name]}/status)" if p.name in admin else ""
             out.write(f"  {p.name:<12} {p.address}{extra}\n")
         out.write(f"  {'logs':<12} {self.run_dir}\n")
-        if self.keys is not None:
+        if self.store is not None:
+            out.write(f"  {'store':<12} {self.store}\n")
+        if cfg.with_apache:
+            out.write(
+                f"  {'UNSEALED':<12} backends store sessions as Apache mod_ssl does: master "
+                "secrets readable in the cache servers (docs/apache.md)\n"
+            )
+        elif self.keys is not None:
             out.write(f"  {'key ring':<12} {self.keys} (new sealing key: tlscache-keys rotate)\n")
         if status_port is not None:
             token = f'-H "{TOKEN_HEADER}: $(cat {self.token_file})"'
@@ -242,6 +313,8 @@ def _say_exited(farm: Farm, proc: Proc, status_port: int | None) -> None:
     elif proc.name.startswith("dc_client"):
         backend = f"backend-{proc.name.rsplit('-', 1)[1]}"
         lines.append(f"  {backend} makes full handshakes until it is back")
+    elif proc.name in {c.name for c in farm.cache_servers}:
+        lines.append("  sessions it held are lost; the backends skip it until it is back")
     if status_port is not None:
         url = f"http://{HOST}:{status_port}/process/{proc.name}/start"
         token = f'-H "{TOKEN_HEADER}: $(cat {farm.token_file})"'

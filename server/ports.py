@@ -27,6 +27,21 @@ class PortPlan:
     dc_server: int
     backends: tuple[BackendPorts, ...]
     balancer_admin: int
+    cache_servers: tuple[int, ...] = ()  # memcached or redis-server (--cache memcached/redis...)
+    cluster_buses: tuple[int, ...] = ()  # the cluster bus of each Redis Cluster node
+    apache: int | None = None  # Apache httpd's TLS port (--with-apache)
+
+
+def cache_server_count(cfg: FarmConfig) -> tuple[int, bool]:
+    """How many cache servers ``--cache`` needs, and whether they form a Redis Cluster."""
+    mode = cfg.cache.mode
+    if mode == "memcached":
+        return cfg.cache_servers, False
+    if mode == "redis":
+        return 1, False
+    if mode == "redis-cluster":
+        return 3, True
+    return 0, False
 
 
 def port_in_use(port: int) -> str | None:
@@ -68,18 +83,29 @@ def plan_ports(cfg: FarmConfig) -> PortPlan:
     """dc_server, (TLS, status) per backend, balancer status; every fixed port checked.
 
     ``base_port`` 0 picks free ports; otherwise dc_server is on BASE, backend i on BASE+i, its
-    status on BASE+100+i and the balancer's status on BASE+100.
+    status on BASE+100+i and the balancer's status on BASE+100; cache server j (memcached,
+    redis-server) on BASE+50+j, a Redis Cluster node's bus on BASE+70+j, and Apache httpd
+    (``--with-apache``) on BASE+N+1, after the N backends.
     """
+    count, cluster = cache_server_count(cfg)
     wanted = [(cfg.port, "balancer", "--port")]
     if cfg.status_port is not None:
         wanted.append((cfg.status_port, "farm status page", "--status-port"))
     if cfg.base_port == 0:
         check_free(wanted)
         backends = tuple(BackendPorts(free_port(), free_port()) for _ in range(cfg.backends))
-        return PortPlan(free_port(), backends, free_port())
+        servers = tuple(free_port() for _ in range(count))
+        buses = tuple(free_port() for _ in range(count if cluster else 0))
+        apache = free_port() if cfg.with_apache else None
+        return PortPlan(free_port(), backends, free_port(), servers, buses, apache)
     b = cfg.base_port
     plan = PortPlan(
-        b, tuple(BackendPorts(b + i, b + 100 + i) for i in range(1, cfg.backends + 1)), b + 100
+        b,
+        tuple(BackendPorts(b + i, b + 100 + i) for i in range(1, cfg.backends + 1)),
+        b + 100,
+        tuple(b + 50 + j for j in range(1, count + 1)),
+        tuple(b + 70 + j for j in range(1, count + 1)) if cluster else (),
+        b + cfg.backends + 1 if cfg.with_apache else None,  # right after the last backend
     )
     if cfg.cache.mode == "distcache":
         wanted.append((plan.dc_server, "dc_server", "--base-port"))
@@ -87,5 +113,11 @@ def plan_ports(cfg: FarmConfig) -> PortPlan:
         wanted.append((ports.tls, f"backend-{i}", "--base-port"))
         wanted.append((ports.admin, f"backend-{i} status", "--base-port"))
     wanted.append((plan.balancer_admin, "balancer status", "--base-port"))
+    for j, port in enumerate(plan.cache_servers, start=1):
+        wanted.append((port, f"cache server {j}", "--base-port"))
+    for j, port in enumerate(plan.cluster_buses, start=1):
+        wanted.append((port, f"cluster bus {j}", "--base-port"))
+    if plan.apache is not None:
+        wanted.append((plan.apache, "apache", "--base-port"))
     check_free(wanted)
     return plan

@@ -96,6 +96,32 @@ class ConnectionInfo:
 
 
 @dataclass(frozen=True)
+class StoreServer:
+    """One server of a backend's store: its health as that backend sees it, and how many
+    sessions this backend stored on it (counted per ``server_for`` at each write)."""
+
+    address: str
+    up: bool
+    failures: int
+    retry_in_s: float | None
+    keys: int
+
+
+@dataclass(frozen=True)
+class CacheServerEntry:
+    """One cache server of the farm (memcached, redis-server): its health as the backends see
+    it, and its share of the sessions they stored."""
+
+    name: str
+    address: str
+    up: bool  # every backend that answered sees it up
+    failures: int  # the most consecutive failures any backend counts
+    keys: int  # sessions the backends stored on it
+    share: float | None  # keys / sessions stored on all cache servers; None before any
+    down_for: list[str] = field(default_factory=list)  # backends that skip it now
+
+
+@dataclass(frozen=True)
 class BackendStatus:
     """One backend, as its ``/status.json`` says."""
 
@@ -117,6 +143,8 @@ class BackendStatus:
     cache: CacheStats | None
     cache_error: str | None = None
     keys: str | None = None  # the key ring that seals its sessions
+    store: str | None = None  # its store string (memcached/Redis modes)
+    store_servers: list[StoreServer] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,7 @@ class FarmStatus:
     processes: list[ProcessInfo]
     keys: str | None = None  # the run's key ring, handed to every backend
     balancer_status: str | None = None  # the balancer's plain-HTTP status URL
+    cache_servers: list[CacheServerEntry] = field(default_factory=list)
 
     def caches(self) -> list[CacheStats]:
         """The cache statistics of every backend that answered and has a cache."""

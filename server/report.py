@@ -15,13 +15,12 @@ from typing import TextIO
 from tlscache import CacheStats
 from tlscache.latency import histogram_quantile
 
-from .config import HOST, FarmConfig, WorkloadConfig
+from .config import HOST, STORE_MODES, FarmConfig, WorkloadConfig
 from .orchestrator import Farm
 from .procs import free_port
 from .records import FarmStatus
 from .workload import WorkloadResult, WorkloadSummary, run_workloads, terminal_progress
 
-SHARED = "shared (distcache)"
 PER_BACKEND = "per-backend (memory)"
 WIDTH = 30
 
@@ -94,6 +93,16 @@ def format_report(runs: list[Run], backends: int, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_server_lines(status: FarmStatus) -> str:
+    """Each cache server of the shared farm: health and its share of the stored sessions."""
+    lines = [
+        f"  cache server {c.name} {c.address}: {'up' if c.up else 'DOWN'}, {c.keys} sessions "
+        f"stored ({100.0 * (c.share or 0.0):.1f}%)\n"
+        for c in status.cache_servers
+    ]
+    return "".join(lines)
+
+
 def conclusion(shared: WorkloadSummary, per_backend: WorkloadSummary) -> str:
     """The report's last line: what the table means, in one sentence."""
     return (
@@ -107,8 +116,11 @@ def run_report(base: FarmConfig, workload: WorkloadConfig, out: TextIO) -> int:
     """Start both farms, run the workload against them side by side, print the table."""
     ca = str(base.certs.ca) if base.certs.ca else None
     with contextlib.ExitStack() as stack:
-        shared = replace(base, cache=replace(base.cache, mode="distcache"), status_port=None)
-        farms = [stack.enter_context(_started(SHARED, shared, out))]
+        # The shared column: the farm's memcached or Redis if asked for, else distcache.
+        mode = base.cache.mode if base.cache.mode in STORE_MODES else "distcache"
+        shared = replace(base, cache=replace(base.cache, mode=mode), status_port=None)
+        label = f"shared ({mode})"
+        farms = [stack.enter_context(_started(label, shared, out))]
         # Free ports, picked once the first farm holds its own.
         memory = replace(base.cache, mode="memory")
         alone = replace(shared, cache=memory, port=free_port(), base_port=0)
@@ -129,7 +141,7 @@ def run_report(base: FarmConfig, workload: WorkloadConfig, out: TextIO) -> int:
         statuses = [farm.gather() for farm in farms]
     runs = [
         Run(label, r, st)
-        for label, r, st in zip((SHARED, PER_BACKEND), results, statuses, strict=True)
+        for label, r, st in zip((label, PER_BACKEND), results, statuses, strict=True)
     ]
     for run in runs:
         s = run.summary
@@ -151,6 +163,7 @@ def run_report(base: FarmConfig, workload: WorkloadConfig, out: TextIO) -> int:
         "cache lookup ms: by the backends"
     )
     out.write("\n" + format_report(runs, base.backends, title))
+    out.write(cache_server_lines(runs[0].status))
     out.write("\n" + conclusion(runs[0].summary, runs[1].summary) + "\n")
     out.flush()
     return 0

@@ -183,6 +183,26 @@ def _seal_table(data: FarmStatus) -> str:
     return _table(["backend", *(title for title, _ in SEAL_COUNTERS)], rows)
 
 
+def _cache_servers_table(data: FarmStatus) -> str:
+    """memcached / redis-servers: health as the backends see it, and the sessions each holds
+    (counted by the backends at each write, per the server their store placed it on)."""
+    if not data.cache_servers:
+        return ""
+    rows = [
+        [
+            _e(c.name),
+            _e(c.address),
+            "up" if c.up else f'<b class="dead">down for {_e(", ".join(c.down_for))}</b>',
+            _e(c.failures),
+            _e(c.keys),
+            "-" if c.share is None else f"{100.0 * c.share:.1f}%",
+        ]
+        for c in data.cache_servers
+    ]
+    table = _table(["cache server", "address", "health", "failures", "sessions", "share"], rows)
+    return f"<h2>Cache servers</h2>{table}"
+
+
 def render_farm(data: FarmStatus, token: str) -> str:
     """The farm's page: who resumed where, hit/miss and cache latency for every backend; its
     buttons carry ``token``."""
@@ -224,6 +244,7 @@ def render_farm(data: FarmStatus, token: str) -> str:
         rows,
     )
     recent.sort(key=lambda r: r.time)
+    servers = _cache_servers_table(data)
     who = _table(
         ["time", "backend", "handshake", "session id", "TLS", "server ms"],
         _recent_rows(recent[-60:], with_backend=True),
@@ -238,7 +259,7 @@ def render_farm(data: FarmStatus, token: str) -> str:
     body = (
         f"<p>Balancer <code>{_e(data.balancer_url)}</code>, TLS &le; {_e(data.tls)}, "
         f"cache <b>{_e(data.cache)}</b>. JSON: <a href='/status.json'>/status.json</a>.</p>"
-        f"<h2>Backends</h2>{backends}{keys}<h2>Processes</h2>{procs}"
+        f"<h2>Backends</h2>{backends}{servers}{keys}<h2>Processes</h2>{procs}"
         "<h2>Who resumed where</h2><p>TLS 1.2: one session id, full on one backend and then "
         "resumed on others, is a session shared across the farm. TLS 1.3: every ticket has its "
         "own id, and a resumed handshake shows the id of the ticket it used.</p>"

@@ -39,6 +39,11 @@ class ClientTimeout(ClientError, TimeoutError):
     """A distcache client call did not complete before its deadline."""
 
 
+class TakeUnsupported(ClientError):
+    """TAKE was asked of a server (or a path through dc_client) whose capability probe
+    did not offer it: it would close the connection for an unknown operation."""
+
+
 class ServerUnavailable(ClientError):
     """dc_client answered that it has no connection to dc_server (empty reply),
     or that the connection dropped with the request outstanding (result 0x02)."""

@@ -63,7 +63,7 @@ def test_address_in_use(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_usage_shows_the_required_server_without_brackets() -> None:
     usage = build_parser().format_usage()
-    assert " -server ADDR " in usage and "[-server" not in usage
+    assert " -server ADDR " in usage and "[-server ADDR" not in usage
     assert "[-listen ADDR]" in usage
 
 

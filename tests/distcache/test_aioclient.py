@@ -78,8 +78,10 @@ def test_deadline_against_a_server_that_never_answers() -> None:
                 client.have(SID, deadline=Deadline.after_ms(50)),
                 return_exceptions=True,
             )
-            assert all(isinstance(r, ClientTimeout) for r in results)
-            assert 0.1 < loop.time() - started < 1.5
+            took = loop.time() - started
+            assert all(isinstance(r, ClientTimeout) for r in results), results
+            # The peer never answers: "not never" is the upper bound, loose for a loaded machine.
+            assert 0.1 < took < 20.0, f"took {took:.3f} s for deadlines of 150 and 50 ms"
 
     with silent_peer() as address:
         asyncio.run(scenario(address))
@@ -203,9 +205,12 @@ def test_silent_server_is_dropped_instead_of_piling_up_timed_out_calls(
                 errors.append(str(info.value))
             # Timed-out calls wait for their late replies only so long: then the
             # connection is dropped (and the next call opens a new one).
-            assert any("stopped answering" in e for e in errors)
-            await asyncio.sleep(0.6)
-            assert client.in_flight == 0
+            assert any("stopped answering" in e for e in errors), errors
+            for _ in range(200):  # 0.2 s to give up; up to 10 s on a loaded machine
+                if client.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert client.in_flight == 0, (client.in_flight, errors)
 
     with silent_peer() as address:
         asyncio.run(scenario(address))

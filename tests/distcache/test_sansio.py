@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tlscache.distcache import SANS_IO_MODULES
+from tlscache.memcache import SANS_IO_MODULES as MEMCACHE_SANS_IO_MODULES
 
 FORBIDDEN = frozenset({"socket", "asyncio", "selectors", "logging"})
 
@@ -64,7 +65,7 @@ def io_imports(name: str, seen: set[str] | None = None) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("name", SANS_IO_MODULES)
+@pytest.mark.parametrize("name", SANS_IO_MODULES + MEMCACHE_SANS_IO_MODULES)
 def test_module_is_sans_io(name: str) -> None:
     assert io_imports(name) == []
 

@@ -18,8 +18,9 @@ from tlscache.distcache.protocol import (
     encode_get,
     encode_have,
     encode_remove,
+    parse_get_reply,
 )
-from tlscache.distcache.serverconn import CacheService, ServerConnection
+from tlscache.distcache.serverconn import DECODE_AHEAD, CacheService, ServerConnection
 from tlscache.distcache.table import SessionTable
 
 DATA: dict[str, Any] = json.loads(VECTORS.read_text())
@@ -258,3 +259,25 @@ def test_receive_queues_without_answering() -> None:
     assert [m.uid for m in Decoder(expect_response=True).feed(out)] == [1, 2, 3]
     conn.receive(b"GET / HTTP/1.0\r\n\r\n")
     assert conn.error is not None
+
+
+def test_requests_beyond_the_batch_are_held_undecoded() -> None:
+    """A peer that pipelines hundreds of requests costs bytes, not a tuple per request."""
+    table = SessionTable(64)
+    table.add(b"k", b"v" * 100, 60_000, now_ms=0)
+    conn = ServerConnection(CacheService(table), output_budget=1024, max_batch=512)
+    requests = b"".join(encode_get(uid, b"k") for uid in range(1, 401))
+    out = bytearray(conn.feed(requests + b"GET / HTTP/1.0\r\n\r\n", 1))
+    held = len(conn._queue)
+    assert conn.pending and not conn.partial and conn.error is None, vars(conn)
+    assert held <= DECODE_AHEAD, held
+    turns = 0
+    while conn.pending and turns < 1000:
+        out += conn.feed(b"", 1)
+        assert len(conn._queue) <= DECODE_AHEAD, len(conn._queue)
+        turns += 1
+    answers = Decoder(expect_response=True).feed(bytes(out))
+    assert [m.uid for m in answers] == list(range(1, 401)), turns
+    assert all(parse_get_reply(m.payload) == b"v" * 100 for m in answers)
+    # The bad input behind them takes effect only once they are all answered.
+    assert conn.error is not None and not conn.pending, vars(conn)

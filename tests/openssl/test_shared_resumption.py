@@ -74,6 +74,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @contextlib.contextmanager
 def tls_server(certs: Certs, store: str, *extra: str) -> Iterator[Server]:
     port = free_port()
+    # A lookup deadline (2 s) that a loaded machine meets, so that a resumption the tests
+    # expect is not lost to a timeout; ``extra`` may set its own (the last one counts).
+    extra = ("--deadline-ms", "2000", *extra)
     argv = server_argv(certs.chain, certs.key, port, store, *extra, keys=certs.key.parent / "keys")
     with running(argv, ready=f"IP:127.0.0.1:{port}", stderr=subprocess.DEVNULL) as proc:
         yield Server(port, proc)
@@ -309,8 +312,10 @@ def test_cache_down_means_quick_full_handshakes(certs: Certs, tmp_path: Path) ->
     proxy_argv = tool("dc_client", "-listen", proxy, "-server", nowhere, "-retry", "60000")
     with (
         running(proxy_argv, ready=proxy, stderr=subprocess.DEVNULL),
-        tls_server(certs, f"dc:{nowhere}", "--sync-writes") as direct,
-        tls_server(certs, f"dc:{proxy}") as proxied,
+        # A 10 s lookup deadline: a lookup that waited for it would show (the client's
+        # socket times out after 5 s); failing at once keeps each handshake well under.
+        tls_server(certs, f"dc:{nowhere}", "--sync-writes", "--deadline-ms", "10000") as direct,
+        tls_server(certs, f"dc:{proxy}", "--deadline-ms", "10000") as proxied,
     ):
         for server in (direct, proxied):
             pending_hits = 0
@@ -320,7 +325,8 @@ def test_cache_down_means_quick_full_handshakes(certs: Certs, tmp_path: Path) ->
                 for _ in range(6):
                     start = time.monotonic()
                     fields, sess, reused = py_connect(ctx, server.port, sess)
-                    assert time.monotonic() - start < 0.5
+                    took = time.monotonic() - start
+                    assert took < 4.0, (f"handshake took {took:.3f} s", fields)
                     # The only resumption possible is from a write still queued in the
                     # same process (a client back within the write's round trip).
                     hit = int(fields["pending_hits"]) - pending_hits
@@ -337,4 +343,6 @@ def test_servers_shut_down_cleanly(certs: Certs) -> None:
     with tls_server(certs, "memory") as srv:
         py_connect(client_context(certs, "1.3"), srv.port)
         srv.proc.terminate()
-        assert srv.proc.wait(5) == 0
+        # A SIGTERM that lands inside a blocking TLS read is seen when the read returns (its
+        # kernel timeout is 5 s): the bound is loose, the claim is the clean exit status.
+        assert srv.proc.wait(30) == 0

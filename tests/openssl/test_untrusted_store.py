@@ -151,8 +151,12 @@ def tls_server(
 ) -> Iterator[Server]:
     port = free_port()
     log = log_dir / f"{name}-{port}.log"
+    # A lookup deadline (2 s) that a loaded machine meets: these tests count outcomes, and a
+    # timed-out lookup would be a miss they did not expect. ``extra`` may set its own.
     argv = server_argv(
-        pki.chain, pki.key, port, store, "--sync-writes", "--log", str(log), *extra, keys=keys
+        *(pki.chain, pki.key, port, store, "--sync-writes", "--deadline-ms", "2000"),
+        *("--log", str(log), *extra),
+        keys=keys,
     )
     with running(argv, ready=f"IP:127.0.0.1:{port}", stderr=subprocess.DEVNULL) as proc:
         yield Server(name, port, log, keys, proc, "--request" in extra)

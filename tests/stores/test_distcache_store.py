@@ -180,16 +180,15 @@ def test_through_dc_client_and_server_down(dc_server_tcp: str, tmp_path: Path) -
                 time.sleep(0.05)
         store.store(b"via-proxy", b"0value", 60, Deadline.after(1.0))  # pipelined: not waited for
         assert store.fetch(b"via-proxy", Deadline.after(1.0)) == b"0value"  # forwarded in order
-    # dc_client with no server answers at once with "no server": a StoreError, quickly.
+    # dc_client with no server answers at once with "no server": a StoreError, not a
+    # StoreTimeout after the (30 s) deadline.
     dead = f"IP:127.0.0.1:{free_port()}"
     argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
     with running(argv, ready=proxy), DistcacheStore(proxy) as store:
-        start = time.monotonic()
         for _ in range(5):
             with pytest.raises(StoreError) as info:
-                store.fetch(b"x", Deadline.after(0.5))
-            assert not isinstance(info.value, StoreTimeout)
-        assert time.monotonic() - start < 1.0
+                store.fetch(b"x", Deadline.after(30.0))
+            assert not isinstance(info.value, StoreTimeout), info.value
 
 
 @pytest.mark.integration
@@ -239,11 +238,11 @@ def test_pipelined_writes_to_dc_client_without_server(tmp_path: Path) -> None:
     argv = tool("dc_client", "-listen", proxy, "-server", dead, "-retry", "60000")
     with running(argv, ready=proxy), DistcacheStore(proxy) as store:
         store.store(
-            b"lost-1", b"0value", 60, Deadline.after(0.5)
+            b"lost-1", b"0value", 60, Deadline.after(10.0)
         )  # sent; dc_client answers "no server"
-        for _ in range(50):
+        for _ in range(500):  # 10 ms apart: up to 5 s for the reply on a loaded machine
             try:
-                store.store(b"lost-2", b"0value", 60, Deadline.after(0.5))
+                store.store(b"lost-2", b"0value", 60, Deadline.after(10.0))
             except StoreError as exc:
                 assert "not stored" in str(exc)
                 break
@@ -252,12 +251,12 @@ def test_pipelined_writes_to_dc_client_without_server(tmp_path: Path) -> None:
             pytest.fail("the lost write was never reported")
         # The breaker of a SessionCache over it opens on writes alone.
         cache = SessionCache(store, breaker_threshold=3, breaker_reset_s=60)
-        for i in range(200):
-            cache.on_new(b"ctx", b"s%03d" % i, b"\x30" + b"x" * 100, 300)
+        for i in range(2000):
+            cache.on_new(b"ctx", b"s%04d" % i, b"\x30" + b"x" * 100, 300)
             if cache.stats().breaker_state == "open":
                 break
             time.sleep(0.002)
         stats = cache.stats()
-        assert stats.breaker_state == "open"
-        assert stats.store_errors >= 3
+        assert stats.breaker_state == "open", stats
+        assert stats.store_errors >= 3, stats
         cache.close()

@@ -28,6 +28,7 @@ from tlscache.cli.runtime import (
     remove_socket_file,
     socket_file_inode,
 )
+from tlscache.cli.tlsoptions import add_server_tls_options, server_tls
 from tlscache.distcache.address import Address
 from tlscache.distcache.multiplexer import (
     DEFAULT_CLIENT_IN_FLIGHT,
@@ -75,6 +76,7 @@ def build_parser() -> Parser:
         help=f"local address to accept clients on (default {DEFAULT_LISTEN})",
     )
     add_server_option(parser, "the dc_server to forward to (required)")
+    add_server_tls_options(parser)
     parser.add_argument(
         "-retry",
         metavar="MS",
@@ -162,6 +164,7 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     server_addr = one_server(args)
+    tls = server_tls(args, server_addr)
     listen_addr: Address = args.listen or address(DEFAULT_LISTEN)
 
     handler = logging.StreamHandler(sys.stderr)
@@ -200,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     max_buffered=args.max_buffered,
                     evict_idle_ms=args.evict_idle,
                 ),
+                upstream_tls=tls,
             )
             signals.attach(loop, proxy.stop)
             if not signals.requested:

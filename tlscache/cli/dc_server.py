@@ -2,8 +2,9 @@
 
 Same switches as the C dc_server, plus a few of our own (``--read-timeout``,
 ``--max-connections``, ``--max-in-flight``, ``--output-budget``,
-``--max-buffered``, ``--max-bytes``, ``--allow-large``, ``--loop``). Unlike C,
-every start-up failure exits with status 1.
+``--max-buffered``, ``--max-bytes``, ``--allow-large``, ``--loop``), and mutual TLS
+(``-tls-cert``, ``-tls-key``, ``-tls-ca``, ``--tls-handshake-timeout``; see
+:mod:`tlscache.cli.tlsoptions`). Unlike C, every start-up failure exits with status 1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import NoReturn
 from tlscache.cli.daemon import add_process_options, after_listen
 from tlscache.cli.options import Parser, address, fail
 from tlscache.cli.runtime import StopSignals, add_loop_option, checked_loop_factory, loop_name
+from tlscache.cli.tlsoptions import add_listen_tls_options, listen_tls
 from tlscache.distcache.address import Address
 from tlscache.distcache.server import (
     DEFAULT_MAX_BUFFERED,
@@ -92,6 +94,7 @@ def build_parser() -> Parser:
         "also print statistics each time the operation count crosses a multiple of N",
     )
     add_process_options(parser)
+    add_listen_tls_options(parser)
     parser.add_argument(
         "--allow-large",
         action="store_true",
@@ -181,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not MIN_SESSIONS <= args.sessions <= top:
         hint = "" if args.allow_large else f" (use --allow-large for more than {MAX_SESSIONS})"
         fail(f"-sessions {args.sessions} out of range ({MIN_SESSIONS}..{top}){hint}")
+    tls = listen_tls(args, args.listen)
     table = SessionTable(args.sessions, args.max_bytes, allow_large=args.allow_large)
     factory = checked_loop_factory(args.loop)
     # From here on (clients may connect as soon as the listener exists) a stop
@@ -192,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sockets = _listen_all(args.listen, args.sockowner, args.sockgroup, args.sockperms)
     if not args.quiet:
         log.info(
-            "Info, dc_server listening on %s (capacity %d sessions, %s event loop)",
+            "Info, dc_server listening on %s%s (capacity %d sessions, %s event loop)",
             ", ".join(str(addr) for addr in args.listen),
+            " with mutual TLS" if tls is not None else "",
             args.sessions,
             loop_name(factory),
         )
@@ -214,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             loop=args.loop,
             ready=ready,
             stop=stop,
+            tls=tls,
             read_timeout=args.read_timeout or None,
             max_connections=max_connections,
             max_in_flight=args.max_in_flight,

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from tlscache.cli.options import Parser, connect_address
+from tlscache.cli.tlsoptions import add_server_tls_options, server_tls
 from tlscache.distcache.address import Address
 from tlscache.distcache.aioclient import AsyncClient
 from tlscache.distcache.client import Client
+from tlscache.distcache.linktls import LinkTLS
 from tlscache.distcache.protocol import MAX_ID_LEN, Operation, Result
 from tlscache.exceptions import ClientError
 from tlscache.latency import nearest_rank
@@ -65,6 +67,8 @@ class Config:
     max_seconds: float | None = None
     #: Print nothing (benchmarks call :func:`run` directly).
     quiet: bool = False
+    #: Mutual TLS to a dc_server at an IP: address.
+    tls: LinkTLS | None = None
 
 
 @dataclass(slots=True)
@@ -260,7 +264,11 @@ def _run_sync(cfg: Config, worker: Worker, shared: _Shared) -> None:
     with (
         _failures(shared),
         Client(
-            cfg.address, deadline_ms=CALL_DEADLINE_MS, persistent=cfg.persistent, pool_size=1
+            cfg.address,
+            deadline_ms=CALL_DEADLINE_MS,
+            persistent=cfg.persistent,
+            pool_size=1,
+            tls=cfg.tls,
         ) as client,
     ):
         while worker.issued < worker.ops and not shared.stop:
@@ -285,7 +293,7 @@ async def _lane(cfg: Config, client: AsyncClient, worker: Worker, shared: _Share
 
 async def _run_async_worker(cfg: Config, worker: Worker, shared: _Shared) -> None:
     with _failures(shared):
-        async with AsyncClient(cfg.address, deadline_ms=CALL_DEADLINE_MS) as client:
+        async with AsyncClient(cfg.address, deadline_ms=CALL_DEADLINE_MS, tls=cfg.tls) as client:
             await asyncio.gather(*(_lane(cfg, client, worker, shared) for _ in range(cfg.pipeline)))
 
 
@@ -460,6 +468,7 @@ def _parser() -> Parser:
         help="one connection per worker instead of one per operation",
     )
     _add_numbers(p, _EXTRA_NUMBERS)
+    add_server_tls_options(p)
     return p
 
 
@@ -492,6 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         pipeline=ns.pipeline,
         seed=ns.seed,
         bar=sys.stderr.isatty() and not ns.progress,
+        tls=server_tls(ns, ns.connect),
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -35,11 +36,14 @@ from tlscache.distcache.clientconn import (
     add_request,
     get_request,
     have_request,
+    probe_request,
     remove_request,
+    take_request,
 )
-from tlscache.distcache.protocol import Result
+from tlscache.distcache.linktls import LinkTLS
+from tlscache.distcache.protocol import Capabilities, Result, new_probe_nonce
 from tlscache.distcache.sockets import open_connection
-from tlscache.exceptions import ClientError, ClientTimeout
+from tlscache.exceptions import ClientError, ClientTimeout, TakeUnsupported
 
 __all__ = ["AsyncClient"]
 
@@ -207,6 +211,18 @@ async def _open(address: Address) -> _Protocol:
     return proto
 
 
+async def _open_tls(address: Address, ctx: ssl.SSLContext, tls: LinkTLS) -> _Protocol:
+    proto = _Protocol(address, asyncio.get_running_loop())
+    await open_connection(
+        address,
+        lambda: proto,
+        ssl=ctx,
+        server_hostname=tls.server_hostname(address),
+        ssl_handshake_timeout=tls.handshake_timeout,
+    )
+    return proto
+
+
 class AsyncClient:
     """A pipelining distcache client for one event loop.
 
@@ -215,21 +231,34 @@ class AsyncClient:
     :class:`~tlscache.deadline.Deadline`, by default ``deadline_ms`` from the
     constructor) covering any reconnect, the write and the reply, after which it
     raises :class:`ClientTimeout` (its late reply, if any, is discarded).
+    ``tls`` speaks mutual TLS to a dc_server at an ``IP:`` address (see
+    :mod:`tlscache.distcache.linktls`).
     """
 
-    def __init__(self, address: str | Address, *, deadline_ms: float = 1000.0) -> None:
+    def __init__(
+        self, address: str | Address, *, deadline_ms: float = 1000.0, tls: LinkTLS | None = None
+    ) -> None:
         if deadline_ms <= 0:
             raise ValueError("deadline_ms must be positive")
         self.address = connectable(address)
+        self.tls = tls
+        if tls is not None:
+            tls.server_hostname(self.address)  # a UNIX: or FD: address is refused here
+        self._ssl = tls.client_context() if tls is not None else None
         self.deadline_ms = deadline_ms
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
         self._closed = False
+        # What the connection ``_caps_for`` offers beyond C, once probed.
+        self._caps: Capabilities | None = None
+        self._caps_for: _Protocol | None = None
 
     @classmethod
-    async def connect(cls, address: str | Address, *, deadline_ms: float = 1000.0) -> AsyncClient:
+    async def connect(
+        cls, address: str | Address, *, deadline_ms: float = 1000.0, tls: LinkTLS | None = None
+    ) -> AsyncClient:
         """A client already connected to ``address`` (within ``deadline_ms``)."""
-        client = cls(address, deadline_ms=deadline_ms)
+        client = cls(address, deadline_ms=deadline_ms, tls=tls)
         await client._ensure(client._default_deadline())
         return client
 
@@ -260,6 +289,29 @@ class AsyncClient:
     async def have(self, session_id: bytes, *, deadline: Deadline | None = None) -> bool:
         """True if the server holds an unexpired session with this id."""
         return await self._call(have_request(session_id), deadline)
+
+    async def capabilities(self, *, deadline: Deadline | None = None) -> Capabilities:
+        """What the server offers beyond C distcache, probed once per connection.
+
+        See :meth:`tlscache.distcache.client.Client.capabilities`.
+        """
+        proto = self._proto
+        caps = self._caps
+        if caps is not None and proto is not None and proto is self._caps_for and not proto.lost:
+            return caps
+        caps = await self._call(probe_request(new_probe_nonce()), deadline)
+        self._caps, self._caps_for = caps, self._proto
+        return caps
+
+    async def take(self, session_id: bytes, *, deadline: Deadline | None = None) -> bytes | None:
+        """The session's data, deleted in the same step; see
+        :meth:`tlscache.distcache.client.Client.take` (raises
+        :class:`~tlscache.exceptions.TakeUnsupported` likewise)."""
+        if deadline is None:
+            deadline = Deadline.after_ms(self.deadline_ms)
+        if not (await self.capabilities(deadline=deadline)).take:
+            raise TakeUnsupported(f"{self.address} does not offer TAKE")
+        return await self._call(take_request(session_id), deadline)
 
     async def close(self) -> None:
         """Close the connection; calls still pending fail with :class:`ClientError`."""
@@ -299,7 +351,11 @@ class AsyncClient:
         task = self._connecting
         if task is None or (task.done() and not _usable(task)):
             # A connect that outlived its caller's deadline is used once it is done.
-            task = self._connecting = asyncio.ensure_future(_open(self.address))
+            task = self._connecting = asyncio.ensure_future(
+                _open(self.address)
+                if self._ssl is None or self.tls is None
+                else _open_tls(self.address, self._ssl, self.tls)
+            )
         try:
             async with asyncio.timeout_at(deadline):
                 proto = await asyncio.shield(task)

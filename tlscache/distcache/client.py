@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import threading
 from types import TracebackType
 from typing import Final, TypeVar
@@ -46,11 +47,14 @@ from tlscache.distcache.clientconn import (
     add_request,
     get_request,
     have_request,
+    probe_request,
     remove_request,
+    take_request,
 )
-from tlscache.distcache.protocol import Result
+from tlscache.distcache.linktls import LinkTLS
+from tlscache.distcache.protocol import Capabilities, Result, new_probe_nonce
 from tlscache.distcache.sockets import connect
-from tlscache.exceptions import ClientError, ClientTimeout
+from tlscache.exceptions import ClientError, ClientTimeout, TakeUnsupported
 
 __all__ = ["MAX_OWED", "Client"]
 
@@ -98,6 +102,9 @@ class Client:
     kept for reuse; ``persistent=False`` opens a new connection per operation,
     like the C library's default mode (and Apache's mod_socache_dc).
     ``max_owed`` bounds the :meth:`add_nowait` replies one pooled connection may owe.
+    ``tls`` speaks mutual TLS to a dc_server at an ``IP:`` address (see
+    :mod:`tlscache.distcache.linktls`); each connect's handshake spends from the
+    call's deadline.
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class Client:
         persistent: bool = True,
         pool_size: int = 8,
         max_owed: int = MAX_OWED,
+        tls: LinkTLS | None = None,
     ) -> None:
         if deadline_ms <= 0:
             raise ValueError("deadline_ms must be positive")
@@ -116,6 +124,9 @@ class Client:
         if max_owed < 1:
             raise ValueError("max_owed must be at least 1")
         self.address = connectable(address)
+        self.tls = tls
+        self._server_hostname = tls.server_hostname(self.address) if tls is not None else None
+        self._ssl = tls.client_context() if tls is not None else None
         self.deadline_ms = deadline_ms
         self.persistent = persistent
         self.pool_size = pool_size if persistent else 0
@@ -127,6 +138,8 @@ class Client:
         self._closed = False
         self._nowait_failures = 0
         self._nowait_confirmed = 0
+        # What the server offers beyond C, once probed (see capabilities()).
+        self._capabilities: Capabilities | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -189,6 +202,36 @@ class Client:
     def have(self, session_id: bytes, *, deadline: Deadline | None = None) -> bool:
         """True if the server holds an unexpired session with this id."""
         return self._call(have_request(session_id), deadline)
+
+    def capabilities(self, *, deadline: Deadline | None = None) -> Capabilities:
+        """What the server (or the path through a dc_client) offers beyond C distcache.
+
+        Probed on first use with a fresh nonce and kept; a C server (or anything
+        that does not echo the nonce) offers nothing. A failed probe raises and is
+        tried again next time.
+        """
+        caps = self._capabilities
+        if caps is None:
+            caps = self._capabilities = self._call(probe_request(new_probe_nonce()), deadline)
+        return caps
+
+    def take(self, session_id: bytes, *, deadline: Deadline | None = None) -> bytes | None:
+        """The session's data, deleted in the same step: of two takers, one gets it.
+
+        Raises :class:`~tlscache.exceptions.TakeUnsupported` if the server did not
+        offer TAKE (probing it first if need be): a C server would close the
+        connection for it.
+        """
+        deadline = self._deadline(deadline)
+        if not self.capabilities(deadline=deadline).take:
+            raise TakeUnsupported(f"{self.address} does not offer TAKE")
+        try:
+            return self._call(take_request(session_id), deadline)
+        except ClientError as exc:
+            if not isinstance(exc, ClientTimeout):
+                # The path may have changed (a dc_client reconnected elsewhere): probe again.
+                self._capabilities = None
+            raise
 
     @property
     def nowait_failures(self) -> int:
@@ -354,7 +397,12 @@ class Client:
         try:
             if deadline.expired:
                 raise TimeoutError
-            sock = connect(self.address, deadline.socket_timeout())
+            sock = connect(
+                self.address,
+                deadline.socket_timeout(),
+                ssl=self._ssl,
+                server_hostname=self._server_hostname,
+            )
         except TimeoutError:
             raise ClientTimeout(f"connect to {self.address} timed out") from None
         except OSError as exc:
@@ -371,8 +419,8 @@ class Client:
         try:
             sock.settimeout(0.0)
             data = sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            data = None
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            data = None  # TLS: nothing decrypted yet (bytes in ssl's buffer are returned)
         except OSError:
             return False
         try:
@@ -399,8 +447,8 @@ class Client:
             sock.settimeout(0.0)
             try:
                 sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0  # TLS: sendall below retries with the same bytes, as OpenSSL requires
             if sent < len(data):
                 sock.settimeout(deadline.socket_timeout())
                 sock.sendall(memoryview(data)[sent:])

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, Final, Generic, TypeVar
 
 from tlscache.distcache.protocol import (
+    Capabilities,
     Decoder,
     Operation,
     Result,
@@ -33,6 +34,9 @@ from tlscache.distcache.protocol import (
     parse_add_reply,
     parse_flag_reply,
     parse_get_reply,
+    parse_probe_reply,
+    parse_take_reply,
+    probe_id,
     validate_add_request,
 )
 from tlscache.exceptions import ClientError, ProtocolError, ServerUnavailable
@@ -44,7 +48,9 @@ __all__ = [
     "add_request",
     "get_request",
     "have_request",
+    "probe_request",
     "remove_request",
+    "take_request",
 ]
 
 T = TypeVar("T")
@@ -110,6 +116,22 @@ def remove_request(session_id: bytes) -> Request[bool]:
 def have_request(session_id: bytes) -> Request[bool]:
     """A HAVE: True if the server holds an unexpired session with this id."""
     return Request(Operation.HAVE, session_id, _parse_have_reply)
+
+
+def take_request(session_id: bytes) -> Request[bytes | None]:
+    """A TAKE: the session data, deleted by the same step, or None for a miss.
+
+    Send it only where a probe (:func:`probe_request`) offered ``take``.
+    """
+    return Request(Operation.TAKE, session_id, parse_take_reply)
+
+
+def probe_request(nonce: bytes) -> Request[Capabilities]:
+    """A capability probe (a GET of a reserved id): what the server offers beyond C.
+
+    ``nonce`` must be fresh random bytes (:func:`~tlscache.distcache.protocol.new_probe_nonce`).
+    """
+    return Request(Operation.GET, probe_id(nonce), partial(parse_probe_reply, nonce))
 
 
 class ClientConnection:

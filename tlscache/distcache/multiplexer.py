@@ -41,26 +41,47 @@ Where it deliberately differs from C:
 * reports of what a crowd of clients can trigger over and over are limited
   to ``LOG_BURST`` per kind per ``LOG_INTERVAL`` seconds; the rest are
   counted and reported as one :class:`Suppressed` per interval.
+
+Pipelining is only safe with a server that says so: the C dc_server drops the
+connection when a request arrives while a large reply is still being written.
+So (``ProxyLimits.pipeline == "probe"``, the default) every new upstream
+connection starts with one capability probe (a GET for ``PROBE_PREFIX +
+nonce``, a harmless miss to C) and nothing else; until its answer arrives, and
+for good if the answer is not ours, one request is forwarded at a time. A
+local client's probe is answered here with the capabilities of the path
+(pipelining always, TAKE if the upstream has it); a TAKE the upstream cannot do
+closes the local client, as a server closes the connection for an operation
+it does not know. ADD and REMOVE under the reserved prefix are answered here
+(``0x67`` and ``0x01``) and never forwarded, so no probe answer can be planted
+through the proxy.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeAlias, TypeVar
+from typing import Generic, Literal, NamedTuple, TypeAlias, TypeVar, cast
 
 from tlscache.distcache.protocol import (
     ADD_PREFIX,
     MAX_UID,
     RESULT_BYTES,
+    Capabilities,
     Decoder,
     Message,
     MessageFields,
     Operation,
     Result,
     encode_renumbered,
+    is_reserved_add,
+    is_reserved_id,
+    new_probe_nonce,
+    parse_probe_reply,
+    probe_id,
+    probe_nonce,
+    probe_reply,
 )
 
 T = TypeVar("T")
@@ -80,6 +101,26 @@ LOG_BURST = 3
 LOG_INTERVAL = 10.0
 
 _ADD = Operation.ADD
+_GET = Operation.GET
+_REMOVE = Operation.REMOVE
+_TAKE = Operation.TAKE
+_PROBE_START = b"\x00"  # the first byte of PROBE_PREFIX: a cheap test before the full one
+
+
+class _Screened(enum.Enum):
+    """What :meth:`Multiplexer._screen` made of a request."""
+
+    FORWARD = "forward"
+    HANDLED = "answered here"
+    DROPPED = "client closed"
+
+
+_FORWARD, _HANDLED, _DROPPED = _Screened.FORWARD, _Screened.HANDLED, _Screened.DROPPED
+
+#: How dc_client decides whether to pipeline upstream: "probe" asks the server
+#: after each connect; "on" and "off" take the operator's word and learn nothing
+#: (so no TAKE is offered).
+PipelineMode: TypeAlias = Literal["probe", "on", "off"]
 #: dc_server closes the connection for an ADD payload shorter than this
 #: (:func:`~tlscache.distcache.protocol.parse_add_request` raises); every other
 #: malformed request is refused by the local client's decoder already.
@@ -295,6 +336,9 @@ class Stats:
     stalled: int = 0  # clients closed for not reading their answers
     over_buffer: int = 0  # clients closed to bring the total buffered under the cap
     suppressed_logs: int = 0
+    probes_sent: int = 0  # capability probes sent upstream
+    answered_locally: int = 0  # local probes and reserved-id ADD/REMOVE, never forwarded
+    refused_takes: int = 0  # clients closed for a TAKE the upstream cannot do
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,8 +355,11 @@ class ProxyLimits:
     write_stall_ms: int = DEFAULT_WRITE_STALL_MS  # over budget this long: closed
     max_buffered: int = DEFAULT_MAX_BUFFERED  # unsent answers of all connections
     evict_idle_ms: int = DEFAULT_EVICT_IDLE_MS  # at the cap, idle this long: displaceable
+    pipeline: PipelineMode = "probe"  # see PipelineMode
 
     def __post_init__(self) -> None:
+        if self.pipeline not in ("probe", "on", "off"):
+            raise ValueError(f"pipeline must be 'probe', 'on' or 'off', not {self.pipeline!r}")
         if min(self.max_in_flight, self.max_clients, self.retry_ms, self.client_in_flight) < 1:
             raise ValueError(
                 "max_in_flight, max_clients, client_in_flight and retry_ms must be positive"
@@ -325,9 +372,14 @@ class ProxyLimits:
 
 
 class Multiplexer(Generic[T]):
-    """The sans-IO proxy core. ``now`` arguments are monotonic seconds."""
+    """The sans-IO proxy core. ``now`` arguments are monotonic seconds.
 
-    def __init__(self, limits: ProxyLimits | None = None) -> None:
+    ``nonce`` makes the random part of each capability probe (injected for tests).
+    """
+
+    def __init__(
+        self, limits: ProxyLimits | None = None, nonce: Callable[[], bytes] = new_probe_nonce
+    ) -> None:
         limits = ProxyLimits() if limits is None else limits
         self.limits = limits
         self.retry = limits.retry_ms / 1000.0
@@ -367,6 +419,19 @@ class Multiplexer(Generic[T]):
         self._dirty: list[LocalClient[T]] = []  # clients with answers in ``out``
         # No idle client can expire before this (None: no client to watch).
         self._idle_due: float | None = None
+        self._new_nonce = nonce
+        #: What the upstream offers: None while down or while its probe is unanswered.
+        self.upstream_capabilities: Capabilities | None = None
+        self._probe_nonce = b""
+        # Stands for the probe in ``_inflight``: a closed client no answer is ever
+        # delivered to, recognised by identity when the probe's answer comes.
+        self._prober: LocalClient[T] = LocalClient(cast(T, None), 0, 0.0, 1)
+        self._prober.closed = True
+        # Local probes that came while the upstream's own was unanswered.
+        self._probe_waiters: list[tuple[LocalClient[T], MessageFields]] = []
+        # The upstream uid of the unanswered probe, and whether a client waits for it.
+        self._probe_uid: int | None = None
+        self._probe_waited = False
 
     # ------------------------------------------------------------ inspection
 
@@ -443,11 +508,14 @@ class Multiplexer(Generic[T]):
         up_out = self._up_out
         uid = self._uid
         for m in messages:
-            if m[2] is _ADD and len(m[3]) < _MIN_ADD_PAYLOAD:
-                # Checked before forwarding: dc_server would close the shared connection.
-                self._uid = uid
-                self._bad_add(client, m, now)
-                return
+            # GET, the commonest request, costs one byte compare; the rest a look each.
+            if m[2] is not _GET or m[3][:1] == _PROBE_START:
+                screened = self._screen(client, m, now)
+                if screened is _DROPPED:
+                    self._uid = uid
+                    return
+                if screened is _HANDLED:
+                    continue
             waiting.append(m)
             if unsent or room <= 0:
                 unsent.append(m)
@@ -462,6 +530,63 @@ class Multiplexer(Generic[T]):
         if unsent and not client.in_ready:
             client.in_ready = True
             self._ready.append(client)
+        if self._probe_uid is not None:
+            self._probe_awaited(now)
+
+    def _screen(self, client: LocalClient[T], m: MessageFields, now: float) -> _Screened:
+        """Handle here what must not be forwarded as it is.
+
+        An ADD dc_server would close the shared connection for closes the client
+        instead; a local probe and ADD/REMOVE under the reserved prefix are
+        answered here (in the client's order); a TAKE the upstream cannot do
+        closes the client.
+        """
+        _, _, op, payload = m
+        if op is _ADD:
+            if len(payload) < _MIN_ADD_PAYLOAD:
+                self._bad_add(client, m, now)
+                return _DROPPED
+            if is_reserved_add(payload):
+                self._answer_here(client, m, RESULT_BYTES[Result.ADD_ID_RANGE])
+                return _HANDLED
+        elif op is _GET:
+            nonce = probe_nonce(payload)
+            if nonce is None:
+                return _FORWARD
+            caps = self.upstream_capabilities
+            if caps is None:  # the upstream's own probe is unanswered: wait for it
+                self.stats.answered_locally += 1
+                client.waiting.append(m)
+                self._probe_waiters.append((client, m))
+            else:
+                self._answer_here(client, m, probe_reply(nonce, self._path(caps)))
+            return _HANDLED
+        elif op is _REMOVE:
+            if is_reserved_id(payload):
+                self._answer_here(client, m, RESULT_BYTES[Result.NOTOK])
+                return _HANDLED
+        elif op is _TAKE:
+            caps = self.upstream_capabilities
+            if caps is not None and not caps.take:
+                self._refuse_take(client, now)
+                return _DROPPED
+        return _FORWARD
+
+    def _answer_here(self, client: LocalClient[T], m: MessageFields, payload: bytes) -> None:
+        """Answer ``m`` without the server, after the client's earlier requests."""
+        self.stats.answered_locally += 1
+        client.waiting.append(m)
+        client.early[id(m)] = _answer(m, payload)
+        self._flush(client)
+
+    @staticmethod
+    def _path(upstream: Capabilities) -> Capabilities:
+        """What a local client gets through this proxy: it pipelines safely itself."""
+        return Capabilities(pipeline=True, take=upstream.take)
+
+    def _refuse_take(self, client: LocalClient[T], now: float) -> None:
+        self.stats.refused_takes += 1
+        self._bad_input(client, "TAKE, which the cache server does not offer; not forwarded", now)
 
     def client_closed(self, client: LocalClient[T]) -> None:
         """The local connection is gone; answers still due to it are discarded."""
@@ -593,6 +718,58 @@ class Multiplexer(Generic[T]):
         self.state = Upstream.UP
         self._up_decoder = Decoder(expect_response=True, fields=True)
         self._up_out.clear()
+        mode = self.limits.pipeline
+        if mode != "probe":
+            self.upstream_capabilities = Capabilities(pipeline=mode == "on", take=False)
+            self.max_in_flight = self.limits.max_in_flight if mode == "on" else 1
+            return
+        # The probe goes first and alone: nothing is forwarded until it is answered.
+        self.upstream_capabilities = None
+        self.max_in_flight = 1
+        nonce = self._probe_nonce = self._new_nonce()
+        uid = self._uid
+        while uid in self._inflight:
+            uid = (uid + 1) & MAX_UID
+        self._uid = (uid + 1) & MAX_UID
+        probe: MessageFields = (False, uid, _GET, probe_id(nonce))
+        self._inflight[uid] = (self._prober, probe, now)
+        self._up_out.append((uid, probe))
+        self._probe_uid = uid
+        self._probe_waited = False
+        self.stats.probes_sent += 1
+
+    def _probe_awaited(self, now: float) -> None:
+        """A client now waits for the unanswered probe: its request timeout starts now.
+
+        The timeout measures how long a client waits, so a probe nobody waits
+        for never resets the connection, and the first request queued behind it
+        gets the full ``request_timeout``.
+        """
+        uid = self._probe_uid
+        if uid is not None and not self._probe_waited:
+            self._probe_waited = True
+            prober, probe, _ = self._inflight[uid]
+            self._inflight[uid] = (prober, probe, now)
+
+    def _probe_answered(self, payload: bytes, now: float) -> None:
+        """The upstream answered its probe: set the in-flight limit, settle what waited."""
+        self._probe_uid = None
+        caps = parse_probe_reply(self._probe_nonce, payload)
+        self.upstream_capabilities = caps
+        self.max_in_flight = self.limits.max_in_flight if caps.pipeline else 1
+        if not caps.take:
+            for c in [c for c in self._clients if any(m[2] is _TAKE for m in c.unsent)]:
+                self._refuse_take(c, now)
+        waiters, self._probe_waiters = self._probe_waiters, []
+        path = self._path(caps)
+        for c, m in waiters:
+            nonce = probe_nonce(m[3])
+            if c.closed or nonce is None:
+                continue
+            c.early[id(m)] = _answer(m, probe_reply(nonce, path))
+            self._flush(c)
+            if self.idle:
+                self._watch_idle(c.last_active + self.idle)
 
     def upstream_failed(self, now: float, reason: str) -> None:
         """A connection attempt failed or the established connection dropped."""
@@ -614,7 +791,17 @@ class Multiplexer(Generic[T]):
         self.state = Upstream.DOWN
         self._next_attempt = now + self.retry
         self._up_out.clear()
+        # Requests held back only by the probe were accepted by a connected proxy:
+        # for their clients the server went away with them outstanding.
+        held = _DISCONNECTED if self._probe_uid is not None else _NO_SERVER
+        self._probe_uid = None
+        self.upstream_capabilities = None
         touched: dict[LocalClient[T], None] = {}
+        for c, m in self._probe_waiters:
+            if not c.closed:
+                c.early[id(m)] = _answer(m, _DISCONNECTED)
+                touched[c] = None
+        self._probe_waiters.clear()
         for c, m, _ in self._inflight.values():
             if not c.closed:
                 c.early[id(m)] = _answer(m, _DISCONNECTED)
@@ -625,7 +812,7 @@ class Multiplexer(Generic[T]):
             c.in_ready = False
             if c.unsent:
                 for m in c.unsent:
-                    c.early[id(m)] = _answer(m, _NO_SERVER)
+                    c.early[id(m)] = _answer(m, held)
                 c.unsent.clear()
                 touched[c] = None
         self._ready.clear()
@@ -660,6 +847,9 @@ class Multiplexer(Generic[T]):
                 )
                 return
             if c.closed:
+                if c is self._prober:
+                    self._probe_answered(answer[3], now)
+                    continue
                 self.stats.discarded += 1
                 continue
             if c.unsent and not c.in_ready and not c.blocked:
@@ -727,7 +917,7 @@ class Multiplexer(Generic[T]):
         state = self.state
         due: float | None = None
         if state is Upstream.UP:
-            if self._inflight:
+            if self._inflight and (self._probe_waited or self._probe_uid is None):
                 _, _, sent = next(iter(self._inflight.values()))
                 due = sent + self.request_timeout
         elif state is Upstream.DOWN:
@@ -748,7 +938,11 @@ class Multiplexer(Generic[T]):
     def handle_timer(self, now: float) -> None:
         """Time-driven work: upstream request timeout, idle clients, reconnect."""
         inflight = self._inflight
-        if inflight and self.state is Upstream.UP:
+        if (
+            inflight
+            and self.state is Upstream.UP
+            and (self._probe_waited or self._probe_uid is None)  # see _probe_awaited
+        ):
             _, _, sent = next(iter(inflight.values()))
             if now >= sent + self.request_timeout:
                 self._reset_upstream(
@@ -846,6 +1040,7 @@ __all__ = [
     "LocalClient",
     "Multiplexer",
     "Output",
+    "PipelineMode",
     "ResetUpstream",
     "Stats",
     "Suppressed",

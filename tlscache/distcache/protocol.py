@@ -11,7 +11,7 @@ offset   size  field
 4        1     is_response (0 request, 1 response)
 5        4     request_uid
 9        1     op_class (only 0)
-10       1     operation (ADD 0, GET 1, REMOVE 2, HAVE 3)
+10       1     operation (ADD 0, GET 1, REMOVE 2, HAVE 3; TAKE 0x54, ours)
 11       1     complete (1 on the last frame of a message)
 12       2     data_len (0..2048)
 14       n     data
@@ -28,14 +28,21 @@ fragmentation rule (:func:`encode_message`) and one parser per payload kind
 (:func:`parse_add_request`, :func:`parse_add_reply`, :func:`parse_get_reply`,
 :func:`parse_flag_reply`). Servers, clients, the proxy, the analyser and the
 stores import these and never look at header bytes themselves.
+
+It also owns the one extension of the protocol, learnt per connection: the
+capability probe (a GET for ``PROBE_PREFIX + nonce``, which a C server simply
+misses and our tools answer with :class:`Capabilities`) and TAKE, an atomic
+get-and-delete under an operation number C never uses, sent only to a server
+whose probe reply offered it.
 """
 
 from __future__ import annotations
 
+import secrets
 import struct
 from collections.abc import Iterable
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, cast
 
 from tlscache.exceptions import ProtocolError
 
@@ -63,12 +70,19 @@ def next_uid(uid: int) -> int:
 
 
 class Operation(IntEnum):
-    """The four operations of op_class 0 ("user")."""
+    """The four operations of op_class 0 ("user"), and our TAKE.
+
+    TAKE (atomic get-and-delete) is tlscache's own: a C receiver closes the
+    connection for it, so it is only ever sent to a server whose probe reply
+    advertised ``take`` (:func:`parse_probe_reply`). Its number is far from
+    C's 0..3, so that no future C operation would collide with it.
+    """
 
     ADD = 0
     GET = 1
     REMOVE = 2
     HAVE = 3
+    TAKE = 0x54  # "T"
 
 
 class Result(IntEnum):
@@ -84,14 +98,20 @@ class Result(IntEnum):
     ADD_DATA_RANGE = 104
 
 
-_OPERATIONS: Final = tuple(Operation)
+# Operation by number, for the decoder's indexing (gaps hold None and are never indexed:
+# the decoder checks the number first).
+_OPERATIONS: Final = cast(
+    tuple[Operation, ...],
+    tuple(Operation(n) if n in Operation._value2member_map_ else None for n in range(0x55)),
+)
+_TAKE: Final = int(Operation.TAKE)
 # Builds a named tuple (Message, AddRequest) without its Python-level ``__new__``:
 # the decoder makes one per message on every server, client and proxy.
 _new_record: Final = tuple.__new__
 
 # The header as the decoder reads it: fewer fields, fewer checks per frame.
 # (version, is_response, uid, op_class << 8 | operation, complete, data_len); the
-# patch level is skipped, and op_class 0 with a known operation is "<= 3".
+# patch level is skipped, and op_class 0 with a known operation is "<= 3" (or TAKE).
 _unpack_header: Final = struct.Struct(">H2xBIHBH").unpack_from
 _pack_header: Final = HEADER.pack
 
@@ -100,7 +120,9 @@ _pack_header: Final = HEADER.pack
 # complete=1, data_len=1, result).
 _pack_result: Final = struct.Struct(">5sI6s").pack
 _RESULT_LEAD: Final = HEADER.pack(PROTO_LEVEL, 1, 0, 0, 0, 0, 0)[:5]
-_RESULT_TAILS: Final = tuple({r: bytes([0, op, 1, 0, 1, r]) for r in Result} for op in Operation)
+_RESULT_TAILS: Final = tuple(
+    {r: bytes([0, op, 1, 0, 1, r]) for r in Result} for op in range(len(_OPERATIONS))
+)
 
 # Single-byte result payloads are sent constantly; build their frames once.
 RESULT_BYTES: Final = {r: bytes([r]) for r in Result}
@@ -215,6 +237,11 @@ def encode_have(uid: int, session_id: bytes) -> bytes:
     return encode_message(False, uid, Operation.HAVE, session_id)
 
 
+def encode_take(uid: int, session_id: bytes) -> bytes:
+    """A TAKE: only for a server that advertised ``take`` (see :class:`Operation`)."""
+    return encode_message(False, uid, Operation.TAKE, session_id)
+
+
 def validate_add_request(session_id: bytes, data: bytes, timeout_ms: int) -> None:
     """Raise :class:`ValueError` if the server would refuse this ADD.
 
@@ -316,6 +343,11 @@ def parse_get_reply(payload: bytes) -> bytes | None:
     return payload if len(payload) >= MIN_SESSION_REPLY else None
 
 
+def parse_take_reply(payload: bytes) -> bytes | None:
+    """A TAKE reply: like GET's, the session data (now deleted), or None for a miss."""
+    return parse_get_reply(payload)
+
+
 def parse_flag_reply(payload: bytes, operation: Operation) -> bool:
     """A REMOVE or HAVE reply: ``0x00`` yes, ``0x01`` no, anything else is an error."""
     if payload == b"\x00":
@@ -323,6 +355,96 @@ def parse_flag_reply(payload: bytes, operation: Operation) -> bool:
     if payload == b"\x01":
         return False
     raise ProtocolError(f"unexpected {operation.name} reply {payload[:8].hex()} ({len(payload)} B)")
+
+
+# ---------------------------------------------------------------- capability probe
+
+#: Ids starting with this are reserved: GET of ``PROBE_PREFIX + nonce`` is a probe, and our
+#: server refuses to store (or remove) anything under the prefix, so nobody can plant
+#: an answer through our tools. A C server just misses such a GET.
+PROBE_PREFIX: Final = b"\x00tlscache-probe\x00"
+#: Random bytes after the prefix, fresh per probe: a value ADDed to a C server in
+#: advance under some probe id is never the one asked for.
+PROBE_NONCE_SIZE: Final = 16
+PROBE_TAG: Final = b"tlscache/1"
+
+
+class Capabilities(NamedTuple):
+    """What a server (or the path through a dc_client) offers beyond C distcache.
+
+    ``pipeline``: many requests may be outstanding on one connection whatever the
+    size of the replies (C drops the connection behind a large reply).
+    ``take``: the TAKE operation.
+    """
+
+    pipeline: bool = False
+    take: bool = False
+
+
+#: A server we did not write: one request at a time, no TAKE.
+NO_CAPABILITIES: Final = Capabilities(False, False)
+#: What our dc_server offers.
+SERVER_CAPABILITIES: Final = Capabilities(pipeline=True, take=True)
+
+
+def new_probe_nonce() -> bytes:
+    return secrets.token_bytes(PROBE_NONCE_SIZE)
+
+
+def probe_id(nonce: bytes) -> bytes:
+    """The session id a probe asks for."""
+    if len(nonce) != PROBE_NONCE_SIZE:
+        raise ValueError(f"probe nonce must be {PROBE_NONCE_SIZE} bytes, got {len(nonce)}")
+    return PROBE_PREFIX + nonce
+
+
+def encode_probe(uid: int, nonce: bytes) -> bytes:
+    return encode_get(uid, probe_id(nonce))
+
+
+def probe_nonce(session_id: bytes) -> bytes | None:
+    """The nonce if ``session_id`` (of a GET) is a probe, else None."""
+    if len(session_id) == len(PROBE_PREFIX) + PROBE_NONCE_SIZE and session_id.startswith(
+        PROBE_PREFIX
+    ):
+        return session_id[len(PROBE_PREFIX) :]
+    return None
+
+
+def is_reserved_id(session_id: bytes) -> bool:
+    """True for ids under :data:`PROBE_PREFIX`, which no ADD or REMOVE may touch."""
+    return session_id.startswith(PROBE_PREFIX)
+
+
+def is_reserved_add(payload: bytes) -> bool:
+    """True if an ADD payload (at least 8 bytes) stores under a reserved id."""
+    size = len(PROBE_PREFIX)
+    id_len: int = _unpack_add_prefix(payload)[1]
+    return id_len >= size and payload[_ADD_PREFIX_SIZE : _ADD_PREFIX_SIZE + size] == PROBE_PREFIX
+
+
+def probe_reply(nonce: bytes, capabilities: Capabilities) -> bytes:
+    """The GET reply payload answering a probe: tag, the nonce in hex, the capabilities."""
+    words = [PROBE_TAG, nonce.hex().encode()]
+    if capabilities.pipeline:
+        words.append(b"pipeline")
+    if capabilities.take:
+        words.append(b"take")
+    return b" ".join(words)
+
+
+def parse_probe_reply(nonce: bytes, payload: bytes) -> Capabilities:
+    """What a probe's GET reply says; :data:`NO_CAPABILITIES` for anything but ours.
+
+    A miss, an error, an empty reply, or a payload that does not echo this very
+    nonce means a server we did not write (or a planted value): nothing beyond C.
+    Unknown words are ignored, so later versions can add capabilities.
+    """
+    words = payload.split(b" ")
+    if len(words) < 2 or words[0] != PROBE_TAG or words[1] != nonce.hex().encode():
+        return NO_CAPABILITIES
+    offered = set(words[2:])
+    return Capabilities(pipeline=b"pipeline" in offered, take=b"take" in offered)
 
 
 def is_unavailable_reply(payload: bytes) -> bool:
@@ -365,7 +487,9 @@ class Decoder:
         "_frag_resp",
         "_frag_size",
         "_frag_uid",
+        "backlog",
         "in_message",
+        "limit",
     )
 
     def __init__(self, expect_response: bool | None = False, *, fields: bool = False) -> None:
@@ -378,9 +502,18 @@ class Decoder:
         self._frag_uid = 0
         self._frag_op = 0
         self._frag_resp = 0
-        #: True while a partial frame or a partial multi-frame message is buffered.
+        #: True while a partial frame or a partial multi-frame message is buffered
+        #: (or whole messages held back by ``limit``: see ``backlog``).
         #: An attribute, not a property: servers look at it after every read.
         self.in_message = False
+        #: Most messages one call returns (0: all). The rest stay here as bytes, 14 to
+        #: 30 per request rather than a tuple each: a server that reads hundreds of
+        #: pipelined requests from a peer that does not read its answers holds them
+        #: compactly until their turn comes.
+        self.limit = 0
+        #: True when ``limit`` stopped the last call with whole messages still buffered;
+        #: feeding ``b""`` returns the next ones.
+        self.backlog = False
 
     @property
     def buffered(self) -> int:
@@ -411,7 +544,7 @@ class Decoder:
                 len(data) - HEADER_SIZE == dlen <= MAX_FRAME_DATA
                 and complete == 1
                 and resp == self._expect
-                and op <= 3
+                and (op <= 3 or op == _TAKE)
                 and version == PROTO_VERSION
             ):
                 return (resp == 1, uid, _OPERATIONS[op], data[HEADER_SIZE:])
@@ -468,7 +601,12 @@ class Decoder:
         is_response = want == 1
         append = messages.append
         fragments = bool(self._frag_parts)
+        limit = self.limit or end
+        backlog = self.backlog = False  # stays False if this call raises
         while end - pos >= HEADER_SIZE:
+            if len(messages) >= limit:
+                backlog = True
+                break
             version, resp, uid, op, complete, dlen = unpack(src, pos)
             body = pos + HEADER_SIZE
             frame_end = body + dlen
@@ -477,7 +615,7 @@ class Decoder:
                 and complete == 1
                 and resp == want
                 and dlen <= MAX_FRAME_DATA
-                and op <= 3
+                and (op <= 3 or op == _TAKE)
                 and version == PROTO_VERSION
                 and not fragments
             ):
@@ -519,7 +657,8 @@ class Decoder:
                 self._frag_op = op
                 self._frag_resp = resp
                 fragments = True
-        if end - pos >= 4:
+        self.backlog = backlog
+        if end - pos >= 4 and not backlog:
             # Reject a wrong protocol level (or plain garbage) as early as possible.
             level = int.from_bytes(src[pos : pos + 4], "big")
             if level >> 16 != PROTO_VERSION:
@@ -544,7 +683,7 @@ class Decoder:
             )
         if op_class != 0:
             raise ProtocolError(f"unknown op_class {op_class}")
-        if op > 3:
+        if op > 3 and op != _TAKE:
             raise ProtocolError(f"unknown operation {op}")
         if complete > 1:
             raise ProtocolError(f"invalid complete byte {complete}")

@@ -30,6 +30,7 @@ from typing import NamedTuple, cast
 
 from tlscache.distcache import sockets
 from tlscache.distcache.address import Address
+from tlscache.distcache.linktls import LinkTLS
 from tlscache.distcache.multiplexer import (
     BadInput,
     ClientEvicted,
@@ -267,7 +268,11 @@ def _log_event(event: Event[_Local]) -> None:
 
 
 class ProxyServer:
-    """dc_client: local connections on ``listener``, one upstream to ``server_address``."""
+    """dc_client: local connections on ``listener``, one upstream to ``server_address``.
+
+    ``upstream_tls`` speaks mutual TLS to the server (an ``IP:`` address); see
+    :mod:`tlscache.distcache.linktls`.
+    """
 
     def __init__(
         self,
@@ -276,7 +281,13 @@ class ProxyServer:
         limits: ProxyLimits | None = None,
         *,
         connect_timeout: float = 2.0,
+        upstream_tls: LinkTLS | None = None,
     ) -> None:
+        self._upstream_name = (
+            upstream_tls.server_hostname(server_address) if upstream_tls is not None else None
+        )
+        self._upstream_ssl = upstream_tls.client_context() if upstream_tls is not None else None
+        self._upstream_tls = upstream_tls
         self.core: Multiplexer[_Local] = Multiplexer(limits)
         self._listener = listener
         self._server_address = server_address
@@ -401,8 +412,15 @@ class ProxyServer:
         assert self._loop is not None and self._hooks is not None
         proto = _Upstream(self._hooks)
         try:
+            tls = self._upstream_tls
             await asyncio.wait_for(
-                sockets.open_connection(self._server_address, lambda: proto),
+                sockets.open_connection(
+                    self._server_address,
+                    lambda: proto,
+                    ssl=self._upstream_ssl,
+                    server_hostname=self._upstream_name,
+                    ssl_handshake_timeout=tls.handshake_timeout if tls is not None else None,
+                ),
                 self._connect_timeout,
             )
         except (TimeoutError, OSError) as exc:

@@ -47,6 +47,7 @@ from typing import Any, Final, cast
 
 from tlscache.distcache import sockets
 from tlscache.distcache.address import Address, parse_address
+from tlscache.distcache.linktls import LinkTLS
 from tlscache.distcache.loops import LoopKind, loop_factory
 from tlscache.distcache.protocol import HEADER_SIZE
 from tlscache.distcache.serverconn import CacheService, ServerConnection
@@ -188,7 +189,9 @@ class _Connection(asyncio.BufferedProtocol):
         # Any byte the kernel does not take pauses us (and is counted in
         # Server.buffered) until the transport is empty again: a peer that does not
         # read holds at most one turn's answers here, and the total stays bounded.
-        transport.set_write_buffer_limits(high=0, low=0)
+        # (A TLS transport pauses at size >= high, a plain one at size > high.)
+        tls = transport.get_extra_info("ssl_object") is not None
+        transport.set_write_buffer_limits(high=1 if tls else 0, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         server = self._server
@@ -542,13 +545,25 @@ class Server:
     def _protocol(self) -> _Connection:
         return _Connection(self)
 
-    async def start(self, listeners: Iterable[str | Address | socket.socket]) -> None:
+    async def start(
+        self, listeners: Iterable[str | Address | socket.socket], tls: LinkTLS | None = None
+    ) -> None:
         """Start accepting on every listener (address strings, Addresses or bound sockets).
 
         An inherited connected socket (``FD:n``) is served as the one connection
-        it is, as in C; :func:`serve` returns once it has gone away.
+        it is, as in C; :func:`serve` returns once it has gone away. With ``tls``
+        every listener must be TCP, and every client must present a certificate
+        from ``tls.ca`` (see :mod:`tlscache.distcache.linktls`).
         """
         loop = asyncio.get_running_loop()
+        listeners = list(listeners)
+        ssl_context = tls.server_context() if tls is not None else None
+        if tls is not None:
+            for item in listeners:
+                if isinstance(item, socket.socket):
+                    tls.check_socket(item)
+                else:
+                    tls.check_address(parse_address(item) if isinstance(item, str) else item)
         if loop.get_exception_handler() is None:  # an embedding application's handler stays
             loop.set_exception_handler(self._loop_exception)
         for item in listeners:
@@ -561,7 +576,12 @@ class Server:
                 factory = self._protocol
             else:
                 factory = self._single_connection(loop)
-            server = await sockets.serve(sock, factory)
+            server = await sockets.serve(
+                sock,
+                factory,
+                ssl=ssl_context,
+                ssl_handshake_timeout=tls.handshake_timeout if tls is not None else None,
+            )
             if server is not None:
                 self._servers.append(server)
         if self._stats_task is None:
@@ -660,15 +680,17 @@ async def serve(
     table: SessionTable | None = None,
     *,
     stop: asyncio.Event | None = None,
+    tls: LinkTLS | None = None,
     **options: Any,
 ) -> Server:
     """Run a dc_server until ``stop`` is set (or its ``FD:`` connection has gone away).
 
-    ``options`` go to :class:`Server`. Returns the (closed) server for its counters.
+    ``options`` go to :class:`Server`; ``tls`` to :meth:`Server.start`. Returns the
+    (closed) server for its counters.
     """
     server = Server(table, **options)
     try:
-        await server.start(listen_addresses)
+        await server.start(listen_addresses, tls)
     except BaseException:
         await server.close()  # the listeners started before the failure
         raise
@@ -691,6 +713,7 @@ def run(
     *,
     loop: LoopKind = "auto",
     ready: Callable[[], None] | None = None,
+    tls: LinkTLS | None = None,
     **options: Any,
 ) -> Server:
     """Blocking entry point: run :func:`serve` on a fresh event loop."""
@@ -698,7 +721,7 @@ def run(
     async def main() -> Server:
         if ready is not None:
             asyncio.get_running_loop().call_soon(ready)
-        return await serve(listen_addresses, table, **options)
+        return await serve(listen_addresses, table, tls=tls, **options)
 
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(main())

@@ -12,6 +12,12 @@ the current time in milliseconds. Bytes are read by the protocol's
 :class:`~tlscache.distcache.protocol.Decoder` alone, every request is answered
 by :meth:`ServerConnection._answer` alone, and the output budget decides how
 many answers one call may produce.
+
+Besides C's four operations it answers our extension: a capability probe (a
+GET for ``PROBE_PREFIX + nonce``, answered with
+:data:`~tlscache.distcache.protocol.SERVER_CAPABILITIES`) and TAKE. ADDs under
+the reserved prefix are refused (``0x67``, id out of range), so nobody can
+plant a probe answer; REMOVEs there simply miss, since nothing is stored there.
 """
 
 from __future__ import annotations
@@ -19,19 +25,25 @@ from __future__ import annotations
 from typing import Final
 
 from tlscache.distcache.protocol import (
+    SERVER_CAPABILITIES,
     Decoder,
     MessageFields,
     Operation,
     Result,
     encode_response,
     encode_result,
+    is_reserved_id,
     parse_add_request,
+    probe_nonce,
+    probe_reply,
 )
 from tlscache.distcache.table import SessionTable
 from tlscache.exceptions import ProtocolError
 
 #: Stop answering a batch of pipelined requests once this much output is waiting.
 DEFAULT_OUTPUT_BUDGET: Final = 256 * 1024
+#: Decode at most this many received requests ahead of answering them.
+DECODE_AHEAD: Final = 64
 #: Answer at most this many pipelined requests per call: requests that produce
 #: little output (a storm of 32 KiB ADDs) must not hold the caller for long either.
 DEFAULT_MAX_BATCH: Final = 64
@@ -39,8 +51,11 @@ DEFAULT_MAX_BATCH: Final = 64
 _ADD: Final = Operation.ADD
 _GET: Final = Operation.GET
 _HAVE: Final = Operation.HAVE
+_TAKE: Final = Operation.TAKE
+_PROBE_START: Final = b"\x00"  # the first byte of PROBE_PREFIX: a cheap test before the full one
 _OK: Final = Result.OK
 _NOTOK: Final = Result.NOTOK
+_ID_RANGE: Final = Result.ADD_ID_RANGE
 
 
 class CacheService:
@@ -102,6 +117,10 @@ class ServerConnection:
         # Plain tuples rather than Messages: a named tuple costs more to build and
         # to unpack, and this is the per-request path of every dc_server.
         self._decoder = Decoder(expect_response=False, fields=True)
+        # Requests beyond the first few dozen stay undecoded (a few bytes each, not a
+        # tuple each) until their turn: what a peer that does not read its answers can
+        # make us hold, times thousands of such peers.
+        self._decoder.limit = DECODE_AHEAD
         self._decode = self._decoder.feed_fields
         self.output_budget = output_budget
         self.max_batch = max(1, max_batch)
@@ -178,45 +197,59 @@ class ServerConnection:
 
     def _answer_queue(self, now_ms: int) -> bytes:
         """Answer queued requests in order until the output budget or the batch is spent."""
-        queue = self._queue
-        start = self._next
         answer = self._answer
         budget = self.output_budget
-        stop = start + self.max_batch
+        left = self.max_batch
         out: list[bytes] = []
         append = out.append
         size = 0
         try:
-            for message in queue[start:stop]:
-                response = answer(message, now_ms)
-                append(response)
-                size += len(response)
-                if size >= budget:
+            while True:
+                queue = self._queue
+                start = self._next
+                if start >= len(queue):
+                    if not self._decoder.backlog or self._failure is not None:
+                        break
+                    queue, failure = self._decode(b"")
+                    self._queue = queue
+                    start = self._next = 0
+                    if failure is not None:
+                        self._failure = failure
+                    if not queue:
+                        break
+                done = start
+                for message in queue[start : start + left]:
+                    response = answer(message, now_ms)
+                    done += 1
+                    append(response)
+                    size += len(response)
+                    if size >= budget:
+                        break
+                self._next = done
+                left -= done - start
+                if size >= budget or left <= 0:
                     break
         except ProtocolError as exc:
             # Nothing after this request counts, not even a later bad frame.
             self.error = exc
             self._failure = None
-            queue = []
-        self._service.operations += len(out)
-        done = start + len(out)
-        if done < len(queue):
-            self._next = done
-        else:
+        if self.error is not None or self._next >= len(self._queue):
             self._queue = []
             self._next = 0
+        self._service.operations += len(out)
         self._settle()
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _settle(self) -> None:
         """Derive the flags the shell reads from the queue, the decoder and any failure."""
-        self.pending = len(self._queue) > self._next
+        backlog = self._decoder.backlog and self.error is None
+        self.pending = len(self._queue) > self._next or backlog
         if self._failure is not None and not self.pending:
             self.error, self._failure = self._failure, None
         if self.error is not None or self._failure is not None:
             self.partial = False
         else:
-            self.partial = self._decoder.in_message
+            self.partial = self._decoder.in_message and not backlog
         self.busy = self.pending or self.partial or self.error is not None
 
     def _answer(self, message: MessageFields, now_ms: int) -> bytes:
@@ -229,13 +262,25 @@ class ServerConnection:
         if operation is _GET:
             data = self._table.get(payload, now_ms)
             if data is None:
+                # The table never holds a reserved id, so a probe is always a miss first.
+                nonce = probe_nonce(payload) if payload[:1] == _PROBE_START else None
+                if nonce is not None:
+                    return encode_response(uid, operation, probe_reply(nonce, SERVER_CAPABILITIES))
                 return encode_result(uid, operation, _NOTOK)
             return encode_response(uid, operation, data)
         if operation is _HAVE:
             found = self._table.have(payload, now_ms)
         elif operation is _ADD:
-            added = self._table.add_request(parse_add_request(payload), now_ms)
+            request = parse_add_request(payload)
+            if request.refusal is None and is_reserved_id(request.session_id):
+                return encode_result(uid, operation, _ID_RANGE)
+            added = self._table.add_request(request, now_ms)
             return encode_result(uid, operation, added)
+        elif operation is _TAKE:
+            data = self._table.take(payload, now_ms)
+            if data is None:
+                return encode_result(uid, operation, _NOTOK)
+            return encode_response(uid, operation, data)
         else:
             found = self._table.remove(payload, now_ms)
         return encode_result(uid, operation, _OK if found else _NOTOK)

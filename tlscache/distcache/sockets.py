@@ -15,7 +15,9 @@ import contextlib
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
+from ssl import SSLContext, SSLSocket
 from typing import Final, TypeVar
 
 from tlscache.distcache.address import Address, FdAddress, TcpAddress, UnixAddress
@@ -70,29 +72,86 @@ def _connected_socket(addr: Address, timeout: float | None) -> socket.socket:
     return sock
 
 
-def connect(addr: Address, timeout: float | None = None) -> socket.socket:
-    """A connected blocking socket (TCP_NODELAY on TCP) with ``timeout`` set."""
+def connect(
+    addr: Address,
+    timeout: float | None = None,
+    *,
+    ssl: SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> socket.socket:
+    """A connected blocking socket (TCP_NODELAY on TCP) with ``timeout`` set.
+
+    With ``ssl``, the TLS handshake (checking ``server_hostname``) is done before this
+    returns and spends what the connect left of ``timeout``: the whole call, not each
+    step, is bounded by it.
+    """
+    started = time.monotonic()
     sock = _connected_socket(addr, timeout)
     _nodelay(sock)
     sock.settimeout(timeout)
-    return sock
+    if ssl is None:
+        return sock
+    return _handshake(sock, ssl, server_hostname, timeout, started)
 
 
-async def open_connection(addr: Address, factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
-    """Connect an asyncio protocol to ``addr`` (asyncio sets TCP_NODELAY itself)."""
+def _handshake(
+    sock: socket.socket,
+    ctx: SSLContext,
+    server_hostname: str | None,
+    timeout: float | None,
+    started: float,
+) -> SSLSocket:
+    try:
+        if timeout is not None:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                raise TimeoutError("no time left for the TLS handshake")
+            sock.settimeout(left)  # ssl's do_handshake spends it across the whole handshake
+        tls = ctx.wrap_socket(sock, server_hostname=server_hostname)
+    except BaseException:
+        sock.close()
+        raise
+    tls.settimeout(timeout)
+    return tls
+
+
+async def open_connection(
+    addr: Address,
+    factory: Callable[[], P],
+    *,
+    ssl: SSLContext | None = None,
+    server_hostname: str | None = None,
+    ssl_handshake_timeout: float | None = None,
+) -> tuple[asyncio.Transport, P]:
+    """Connect an asyncio protocol to ``addr`` (asyncio sets TCP_NODELAY itself).
+
+    With ``ssl``, the protocol sees the connection once the TLS handshake (checking
+    ``server_hostname``, within ``ssl_handshake_timeout`` seconds) is done.
+    """
     loop = asyncio.get_running_loop()
+    name, limit = server_hostname, ssl_handshake_timeout
     if isinstance(addr, UnixAddress):
-        transport, proto = await loop.create_unix_connection(factory, addr.path)
+        transport, proto = await loop.create_unix_connection(
+            factory, addr.path, ssl=ssl, server_hostname=name, ssl_handshake_timeout=limit
+        )
     elif isinstance(addr, FdAddress):
         sock = _connected_socket(addr, None)
         sock.setblocking(False)
-        transport, proto = await loop.create_connection(factory, sock=sock)
+        transport, proto = await loop.create_connection(
+            factory, sock=sock, ssl=ssl, server_hostname=name, ssl_handshake_timeout=limit
+        )
     else:
         if addr.host is None:
             raise AddressError(f"cannot connect to the wildcard address {addr}")
         family = socket.AF_INET6 if addr.ipv6 else socket.AF_INET
         transport, proto = await loop.create_connection(
-            factory, addr.host, addr.port, family=family
+            factory,
+            addr.host,
+            addr.port,
+            family=family,
+            ssl=ssl,
+            server_hostname=name,
+            ssl_handshake_timeout=limit,
         )
     return transport, proto
 
@@ -168,18 +227,30 @@ def is_listening(sock: socket.socket) -> bool:
 
 
 async def serve(
-    sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol], backlog: int = LISTEN_BACKLOG
+    sock: socket.socket,
+    factory: Callable[[], asyncio.BaseProtocol],
+    backlog: int = LISTEN_BACKLOG,
+    *,
+    ssl: SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
 ) -> asyncio.AbstractServer | None:
     """Serve ``factory`` on ``sock``: every connection of a listener, or the one
     connection of an inherited connected socket (then None is returned).
 
     Keeps the listener's backlog (asyncio's own default of 100 would replace it).
+    With ``ssl``, a connection reaches ``factory`` once its TLS handshake is done; one
+    whose handshake takes longer than ``ssl_handshake_timeout`` seconds is closed.
     """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
+    limit = ssl_handshake_timeout
     if not is_listening(sock):
-        await loop.connect_accepted_socket(factory, sock)
+        await loop.connect_accepted_socket(factory, sock, ssl=ssl, ssl_handshake_timeout=limit)
         return None
     if sock.family == socket.AF_UNIX:
-        return await loop.create_unix_server(factory, sock=sock, backlog=backlog)
-    return await loop.create_server(factory, sock=sock, backlog=backlog)
+        return await loop.create_unix_server(
+            factory, sock=sock, backlog=backlog, ssl=ssl, ssl_handshake_timeout=limit
+        )
+    return await loop.create_server(
+        factory, sock=sock, backlog=backlog, ssl=ssl, ssl_handshake_timeout=limit
+    )

@@ -214,6 +214,18 @@ class SessionTable:
             self._rebuild_heap()
         return True
 
+    def take(self, session_id: bytes, now_ms: int) -> bytes | None:
+        """The session data, removed in the same step (TAKE): at most one caller gets it.
+
+        Atomic because the server answers one request at a time from one thread.
+        """
+        if now_ms > self._next_expiry:
+            self.expire(now_ms)
+        data = self.get(session_id, now_ms)
+        if data is not None:
+            self.remove(session_id, now_ms)
+        return data
+
     def clear(self) -> None:
         self._store.clear()
         self._heap.clear()

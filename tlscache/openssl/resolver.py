@@ -83,6 +83,23 @@ SIGNATURES: Mapping[str, str] = {
     "SSL_CTX_get_info_callback": "void (*(*)(const SSL_CTX *))(const SSL *, int, int)",
     "i2d_X509": "int (*)(X509 *, unsigned char **)",
     "ERR_peek_last_error": "unsigned long (*)(void)",
+    # Session tickets (tlscache/openssl/tickets.py). The binding declares no EVP_CIPHER_CTX,
+    # EVP_MAC_CTX, HMAC_CTX, ENGINE or OSSL_PARAM type: those pointers are ``void *`` here.
+    "SSL_CTX_set_tlsext_ticket_key_evp_cb": (
+        "int (*)(SSL_CTX *, int (*)(SSL *, unsigned char *, unsigned char *, void *, void *, int))"
+    ),
+    "SSL_CTX_callback_ctrl": "long (*)(SSL_CTX *, int, void (*)(void))",
+    "SSL_CTX_clear_options": "uint64_t (*)(SSL_CTX *, uint64_t)",
+    "EVP_EncryptInit_ex": (
+        "int (*)(void *, const EVP_CIPHER *, void *, const unsigned char *, const unsigned char *)"
+    ),
+    "EVP_DecryptInit_ex": (
+        "int (*)(void *, const EVP_CIPHER *, void *, const unsigned char *, const unsigned char *)"
+    ),
+    "EVP_aes_256_cbc": "const EVP_CIPHER *(*)(void)",
+    "EVP_MAC_CTX_set_params": "int (*)(void *, const void *)",
+    "HMAC_Init_ex": "int (*)(void *, const void *, int, const EVP_MD *, void *)",
+    "EVP_sha256": "const EVP_MD *(*)(void)",
 }
 
 #: Without these the callbacks cannot work: resolution fails if one is missing.

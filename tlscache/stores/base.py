@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, NamedTuple, Self
 
 from tlscache.deadline import Deadline
 from tlscache.distcache import protocol
 from tlscache.exceptions import StoreError
 
-__all__ = ["MAX_ID_LEN", "MAX_VALUE_LEN", "SessionStore", "WrappingStore", "WriteStatus"]
+__all__ = [
+    "MAX_ID_LEN",
+    "MAX_VALUE_LEN",
+    "ServerHealth",
+    "SessionStore",
+    "WrappingStore",
+    "WriteStatus",
+]
 
 #: The longest session id a store must accept (TLS ids are 1..32 bytes; distcache allows 64).
 MAX_ID_LEN: Final = protocol.MAX_ID_LEN
@@ -35,6 +43,15 @@ class WriteStatus(enum.Enum):
 
     CONFIRMED = "confirmed"  #: the store answered: this write, or an earlier one, stored
     SENT = "sent"  #: handed on without any answer from the store yet: no verdict
+
+
+class ServerHealth(NamedTuple):
+    """One server of a store, as a status page shows it."""
+
+    address: str  #: as configured, e.g. ``127.0.0.1:11211``
+    up: bool  #: False while the store is skipping it after failures
+    failures: int  #: consecutive failures (0 when healthy)
+    retry_in_s: float | None  #: seconds until it is tried again while down, else None
 
 
 class SessionStore(ABC):
@@ -81,6 +98,22 @@ class SessionStore(ABC):
         """
         raise StoreError(f"{type(self).__name__} has no atomic take")
 
+    def add(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> bool:
+        """Keep ``value`` only if nothing is stored under ``session_id``, in one atomic step.
+
+        True: added; False: something is there already (left as it was). Shared ticket
+        keys need it: the first server to add a period's key wins and all read the winner's.
+        """
+        raise StoreError(f"{type(self).__name__} has no atomic add")
+
+    def servers(self) -> Sequence[ServerHealth]:
+        """The servers behind the store and their health (empty for a store without any)."""
+        return ()
+
+    def server_for(self, session_id: bytes) -> str | None:
+        """The address of the server that holds ``session_id`` (None without placement)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections and threads; the store is unusable afterwards."""
 
@@ -121,6 +154,15 @@ class WrappingStore(SessionStore):
 
     def take(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         return self.inner.take(session_id, deadline)
+
+    def add(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> bool:
+        return self.inner.add(session_id, value, ttl_s, deadline)
+
+    def servers(self) -> Sequence[ServerHealth]:
+        return self.inner.servers()
+
+    def server_for(self, session_id: bytes) -> str | None:
+        return self.inner.server_for(session_id)
 
     def close(self) -> None:
         self.inner.close()

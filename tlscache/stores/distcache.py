@@ -10,7 +10,8 @@ from typing import Literal
 
 from tlscache.deadline import Deadline
 from tlscache.distcache.client import Client
-from tlscache.distcache.protocol import MAX_ID_LEN, MAX_TIMEOUT_MS, Result
+from tlscache.distcache.linktls import LinkTLS
+from tlscache.distcache.protocol import MAX_ID_LEN, MAX_TIMEOUT_MS, Capabilities, Result
 from tlscache.exceptions import (
     ClientError,
     ClientTimeout,
@@ -54,7 +55,9 @@ class _ClientErrors:
             raise StoreError(f"distcache {self.op} failed: {describe_error(exc)}") from exc
 
 
-_ADD, _GET, _REMOVE, _HAVE = (_ClientErrors(op) for op in ("add", "get", "remove", "have"))
+_ADD, _GET, _REMOVE, _HAVE, _TAKE = (
+    _ClientErrors(op) for op in ("add", "get", "remove", "have", "take")
+)
 
 
 class DistcacheStore(SessionStore):
@@ -65,7 +68,13 @@ class DistcacheStore(SessionStore):
     ``on_exists="keep"`` (default) treats "a session with this id exists" as
     success, since session ids are random and the existing entry is that same
     session; ``"replace"`` removes and re-adds, spending two more round trips.
-    distcache has no atomic get-and-delete, so ``supports_take`` is False.
+    C distcache has no atomic get-and-delete, so ``supports_take`` is False until
+    the server says otherwise: the first :meth:`fetch` probes it (one more round
+    trip, once; :meth:`store` is pipelined and never waits for it), as do
+    :meth:`capabilities` and :meth:`take`. A tlscache dc_server, or a path through
+    our dc_client to one, offers TAKE; then ``supports_take`` is True and
+    :meth:`take` uses it. A store given its ``client`` leaves the probing to
+    explicit :meth:`capabilities` and :meth:`take` calls.
 
     Writes are pipelined by default: :meth:`store` sends the ADD and returns
     without waiting for the reply (``Client.add_nowait``); the reply is read and
@@ -84,6 +93,10 @@ class DistcacheStore(SessionStore):
 
     Each call hands its :class:`~tlscache.deadline.Deadline` to the client as it
     is, so every round trip of one call (``replace`` makes three) spends from it.
+
+    ``tls`` talks mutual TLS to a dc_server at an ``IP:`` address
+    (:class:`~tlscache.distcache.linktls.LinkTLS`; a connect's handshake spends from
+    the call's deadline too, so give lookups room for it or keep connections pooled).
     """
 
     supports_take = False
@@ -97,16 +110,22 @@ class DistcacheStore(SessionStore):
         pool_size: int = 8,
         confirm_writes: bool = False,
         client: Client | None = None,
+        tls: LinkTLS | None = None,
     ) -> None:
         if on_exists not in ("keep", "replace"):
             raise ConfigurationError("on_exists must be 'keep' or 'replace'")
+        if client is not None and tls is not None:
+            raise ConfigurationError("pass tls to the Client you give, not to the store")
+        # Probe on the first fetch only with a client of our own making.
+        self._auto_probe = client is None
         if client is None:
-            client = Client(address, persistent=persistent, pool_size=pool_size)
+            client = Client(address, persistent=persistent, pool_size=pool_size, tls=tls)
         self.address = address
         self.on_exists: OnExists = on_exists
         self.confirm_writes = confirm_writes
         self._client = client
         self._failures_reported = client.nowait_failures
+        self._probed = False
 
     @property
     def write_failures(self) -> int:
@@ -117,6 +136,18 @@ class DistcacheStore(SessionStore):
     def _check_id(session_id: bytes) -> None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             raise StoreError(f"session id length {len(session_id)} outside 1..{MAX_ID_LEN}")
+
+    def capabilities(self, deadline: Deadline | None = None) -> Capabilities:
+        """Probe the server (again) and set ``supports_take`` from its answer."""
+        caps = self._client.capabilities(deadline=deadline)
+        self.supports_take = caps.take
+        self._probed = True
+        return caps
+
+    def _probe_once(self, deadline: Deadline) -> None:
+        """Learn whether the server has TAKE, unless known (raises like any call)."""
+        if not self._probed:
+            self.capabilities(deadline)
 
     def store(
         self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline
@@ -168,8 +199,45 @@ class DistcacheStore(SessionStore):
     def fetch(self, session_id: bytes, deadline: Deadline) -> bytes | None:
         if not 0 < len(session_id) <= MAX_ID_LEN:
             return None  # such an id can never have been stored
+        if not self._probed and self._auto_probe:
+            # Best effort: a failed probe is tried again at the next fetch, and the
+            # fetch itself reports whatever is wrong with the server.
+            with contextlib.suppress(ClientError):
+                self.capabilities(deadline)
         with self._reporting(), _GET:
             return self._client.get(session_id, deadline=deadline)
+
+    def take(self, session_id: bytes, deadline: Deadline) -> bytes | None:
+        """TAKE: the session, deleted by the server in the same step (one taker gets it).
+
+        Raises :class:`StoreError` if the server has no TAKE (``supports_take`` False).
+        """
+        if not 0 < len(session_id) <= MAX_ID_LEN:
+            return None
+        with self._reporting(), _TAKE:
+            self._probe_once(deadline)
+            if not self.supports_take:
+                raise StoreError(f"distcache server at {self.address} has no atomic take")
+            try:
+                return self._client.take(session_id, deadline=deadline)
+            except ClientError:
+                self._probed = False  # the path may have changed: probe again next time
+                raise
+
+    def add(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> bool:
+        """ADD, waiting for its reply: distcache's ADD never overwrites, and answers
+        ``ADD_MATCHING_SESSION`` (False here) when the id is taken."""
+        self._check_id(session_id)
+        if not value:
+            raise StoreError("empty session value")
+        timeout_ms = min(MAX_TIMEOUT_MS, max(0, math.ceil(ttl_s * 1000.0)))
+        with self._reporting(), _ADD:
+            result = self._client.add(session_id, value, timeout_ms, deadline=deadline)
+        if result == Result.OK:
+            return True
+        if result == Result.ADD_MATCHING_SESSION:
+            return False
+        raise StoreError(f"distcache add refused: {Result(result).name}")
 
     def delete(self, session_id: bytes, deadline: Deadline) -> None:
         if not 0 < len(session_id) <= MAX_ID_LEN:

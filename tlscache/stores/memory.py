@@ -98,6 +98,18 @@ class MemoryStore(SessionStore):
             del self._data[key]
             return entry[1]
 
+    def add(self, session_id: bytes, value: bytes, ttl_s: float, deadline: Deadline) -> bool:
+        key = bytes(session_id)
+        with self._lock:
+            self._check()
+            if self._live(key) is not None:
+                return False
+            self._data[key] = (self._clock() + max(0.0, ttl_s), bytes(value))
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+            return True
+
     def purge_expired(self) -> int:
         """Drop every expired entry now; returns how many went. Lookups do it lazily anyway."""
         now = self._clock()
