@@ -2,8 +2,8 @@
 
 The distcache and proxy benchmarks rewrite docs/bench-distcache.md and
 docs/bench-proxy.md (keeping their hand-written readings); the handshake
-benchmark prints its tables (``--markdown FILE`` writes them). docs/benchmarks.md
-summarises all three.
+benchmark prints its tables (``--markdown FILE`` writes them), and so does the store
+benchmark (every remote store side by side). docs/benchmarks.md summarises them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ BENCHES = (
     ["bench.distcache_bench"],
     ["bench.proxy_bench"],
     ["bench.handshake_bench"],
+    ["bench.store_bench"],
 )
 
 

@@ -5,6 +5,7 @@ It serves a small HTML page at ``/`` and the facts of the current connection as 
 prefix, the cache counters), so that a client can see where it landed and whether it resumed.
 ``/status`` and ``/status.json`` describe the whole backend; the same JSON is served over plain
 HTTP on the admin port, so that the farm's status page can poll it without adding handshakes.
+``/metrics`` is the same backend in the Prometheus text format, for a scraper (:mod:`.metrics`).
 
 Every connection ends with a clean TLS shutdown (close_notify): OpenSSL throws away the session of
 a connection that is freed without one, and the shared cache would lose good sessions.
@@ -33,6 +34,7 @@ from . import httpd
 from . import status as status_page
 from .cacheservers import KeyShares
 from .config import STORE_MODES, BackendConfig, CacheConfig, parse_backend_args
+from .metrics import MetricsPage
 from .records import (
     BackendStatus,
     ConnectionInfo,
@@ -41,11 +43,13 @@ from .records import (
     HandshakeLatency,
     Percentiles,
     StoreServer,
+    TicketStatus,
     encode,
 )
 
 if TYPE_CHECKING:
-    from tlscache import CacheStats, SessionCache
+    from tlscache import CacheStats, SessionCache, SessionStore
+    from tlscache.ticketkeys import TicketKeys
 
 T = TypeVar("T")
 
@@ -104,6 +108,8 @@ class SessionCacheSetup:
         self.apache = apache  # (ServerName, SSLSessionCache): store as Apache mod_ssl does
         self.cache: SessionCache | None = None
         self.shares: KeyShares | None = None
+        self.ticket_keys: TicketKeys | None = None  # --resumption stateless or both
+        self.cache_store: SessionStore | None = None  # the store, when no SessionCache owns it
 
     def install(self, ctx: SSL.Context) -> None:
         if self.config.mode == "none":
@@ -127,16 +133,35 @@ class SessionCacheSetup:
             store = self._shared_store()
         else:
             store = tlscache.MemoryStore()
-        self.cache = tlscache.SessionCache(
-            store,
-            timeout=self.config.session_timeout,
-            deadline_ms=self.config.deadline_ms,
-            breaker_reset_s=self.config.breaker_reset_s,
-            session_id_context=SESSION_ID_CONTEXT,
-            async_writes=self.config.writes == "async",
-            keys=self.keys,
-        )
-        self.cache.install(ctx)
+        mode = self.config.resumption
+        if mode != "stateless":
+            self.cache = tlscache.SessionCache(
+                store,
+                timeout=self.config.session_timeout,
+                deadline_ms=self.config.deadline_ms,
+                breaker_reset_s=self.config.breaker_reset_s,
+                session_id_context=SESSION_ID_CONTEXT,
+                async_writes=self.config.writes == "async",
+                keys=self.keys,
+            )
+        if mode != "stateful":
+            self.ticket_keys = self._ticket_keys(store)
+        from tlscache.resumption import configure_resumption
+
+        configure_resumption(ctx, mode, session_cache=self.cache, ticket_keys=self.ticket_keys)
+        if self.cache is None:
+            self.cache_store = store  # closed by close(): no SessionCache owns it
+
+    def _ticket_keys(self, store: SessionStore) -> TicketKeys:
+        """Ticket keys shared through the cache's store, sealed with the run's key ring (a
+        ring of this process only without one: the store is then this backend's own)."""
+        from tlscache.keyring import KeyRing, KeyRingFile
+        from tlscache.sealing import Sealer
+        from tlscache.ticketkeys import TicketKeyPolicy, TicketKeys
+
+        sealer = Sealer(KeyRingFile(self.keys) if self.keys else KeyRing.generate())
+        policy = TicketKeyPolicy(period_s=self.config.ticket_period_s, group=SESSION_ID_CONTEXT)
+        return TicketKeys(store, sealer, policy=policy)
 
     def _shared_store(self) -> KeyShares:
         """The memcached or Redis store of ``--store``, sealed like distcache's."""
@@ -180,9 +205,13 @@ class SessionCacheSetup:
 
     def close(self) -> None:
         """Finish session writes (queued or still owed a reply) before the process exits."""
+        if self.ticket_keys is not None:
+            self.ticket_keys.close()
         if self.cache is not None:
             self.cache.close(1.0)
             self.cache.store.close()
+        elif self.cache_store is not None:
+            self.cache_store.close()
 
     def stats(self) -> tuple[CacheStats | None, str | None]:
         """The cache's counters, or why there are none (the status page must not die with it)."""
@@ -192,6 +221,13 @@ class SessionCacheSetup:
             return self.cache.stats(), None
         except Exception as exc:
             return None, repr(exc)
+
+    def ticket_status(self) -> TicketStatus | None:
+        """The ticket keys' counters and state (None without shared ticket keys)."""
+        if self.ticket_keys is None:
+            return None
+        t = self.ticket_keys.stats()
+        return TicketStatus(*t, period_s=self.ticket_keys.policy.period_s)
 
 
 class _TlsStream:
@@ -248,6 +284,7 @@ class Backend:
         self.latency_full: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.latency_resumed: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.recent: deque[Handshake] = deque(maxlen=RECENT)
+        self.metrics = MetricsPage(self.status, lambda: self.cache.cache)
 
     def _make_context(self) -> SSL.Context:
         cfg = self.config
@@ -371,6 +408,8 @@ class Backend:
             return httpd.text(405, "only GET and HEAD\n")
         if request.path == "/status.json":
             return httpd.json(encode(self.status()))
+        if request.path == "/metrics":
+            return self.metrics.response()
         if request.path == "/status" or (index and request.path == "/"):
             return httpd.html(status_page.render_backend(self.status()))
         return httpd.text(404, "not found\n")
@@ -420,6 +459,8 @@ class Backend:
             cache_error=cache_error,
             store=cfg.store,
             store_servers=self.cache.store_servers(),
+            resumption=cfg.cache.resumption,
+            tickets=self.cache.ticket_status(),
         )
 
 
@@ -458,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(
         f"{config.name}: https://{config.host}:{config.port}/ (TLS <= {config.tls}, "
-        f"cache {config.cache.mode}), status http://{config.host}:{config.admin_port}/status.json",
+        f"cache {config.cache.mode}, resumption {config.cache.resumption}), status http://{config.host}:{config.admin_port}/status.json",
         flush=True,
     )
     try:

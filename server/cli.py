@@ -27,6 +27,7 @@ from .config import (
     add_backend_options,
     cache_config,
 )
+from .kinds import kinds_problem, parse_kinds
 from .procs import free_port
 
 EXTRA_MODULES = ("trustme", "h11")
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "through --cache memcached or redis; the backends then store sessions as mod_ssl does, "
         "UNSEALED (see docs/apache.md)",
     )
+    p.add_argument(
+        "--backend-kinds",
+        metavar="KIND,...",
+        default="threaded",
+        help="server of each backend, cycled over them: threaded (pyOpenSSL, default), twisted "
+        "(twisted.web), stdlib (asyncio on ssl.SSLContext); e.g. threaded,twisted,stdlib",
+    )
     p.add_argument("--report", action="store_true", help="run the workload, print the table, exit")
     defaults = WorkloadConfig()
     for f in dataclasses.fields(WorkloadConfig):
@@ -148,8 +156,23 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--with-apache needs --cache memcached or --cache redis (what mod_ssl can share)"
     if args.with_apache and args.report:
         return "--with-apache is for a farm to use, not --report (which compares cache modes)"
+    if args.resumption != "stateful" and (args.cache == "none" or args.with_apache):
+        return "--resumption stateless/both needs a cache (not --cache none, not --with-apache)"
+    if not 0 < args.ticket_period <= 366 * 86400:
+        return "--ticket-period must be more than 0 and at most a year (seconds)"
     if bool(args.cert) != bool(args.key):
         return "--cert and --key go together"
+    try:
+        kinds = parse_kinds(args.backend_kinds)
+    except ValueError as exc:
+        return f"--backend-kinds: {exc}"
+    if set(kinds) != {"threaded"} and (
+        args.cache == "none" or args.with_apache or args.resumption != "stateful"
+    ):
+        return (
+            "--backend-kinds twisted/stdlib need a session cache and --resumption stateful "
+            "(not --cache none, not --with-apache)"
+        )
     for option, path in (("--cert", args.cert), ("--key", args.key), ("--ca", args.ca)):
         if path and not os.access(path, os.R_OK):
             return f"{option} {path}: no such file, or not readable"
@@ -184,6 +207,7 @@ def farm_config(args: argparse.Namespace, certs: CertPaths) -> FarmConfig:
         sessions=args.sessions,
         cache_servers=args.cache_servers,
         with_apache=args.with_apache,
+        backend_kinds=parse_kinds(args.backend_kinds),
     )
 
 
@@ -213,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(missing: {', '.join(missing)}). Install it with:\n  {INSTALL_EXTRA}",
             file=sys.stderr,
         )
+        return 1
+    kinds_missing = kinds_problem(parse_kinds(args.backend_kinds))
+    if kinds_missing:
+        print(f"tlscache-farm: {kinds_missing}", file=sys.stderr)
         return 1
     from .orchestrator import serve
     from .report import run_report

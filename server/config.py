@@ -21,6 +21,10 @@ HOST = "127.0.0.1"
 TlsVersion = Literal["1.2", "1.3"]
 CacheMode = Literal["distcache", "memory", "none", "memcached", "redis", "redis-cluster"]
 WriteMode = Literal["sync", "async"]
+#: How clients resume (:mod:`tlscache.resumption`; spelled out here so that the farm's command
+#: line does not import OpenSSL before it has checked its arguments).
+Resumption = Literal["stateful", "stateless", "both"]
+RESUMPTION_MODES: tuple[Resumption, ...] = ("stateful", "stateless", "both")
 TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
 CACHE_MODES: tuple[CacheMode, ...] = (
     "distcache",
@@ -33,6 +37,14 @@ CACHE_MODES: tuple[CacheMode, ...] = (
 #: The modes whose cache servers the farm starts and the backends reach by a store string.
 STORE_MODES: tuple[CacheMode, ...] = ("memcached", "redis", "redis-cluster")
 WRITE_MODES: tuple[WriteMode, ...] = ("sync", "async")
+#: The server a backend runs as (``--backend-kinds``; :mod:`.backend_kinds`).
+BackendKind = Literal["threaded", "twisted", "stdlib"]
+BACKEND_KINDS: tuple[BackendKind, ...] = ("threaded", "twisted", "stdlib")
+KIND_MODULES: dict[BackendKind, str] = {
+    "threaded": "tlscache_farm.backend",
+    "twisted": "tlscache_farm.backend_twisted",
+    "stdlib": "tlscache_farm.backend_stdlib",
+}
 
 
 class FarmError(Exception):
@@ -48,6 +60,8 @@ class CacheConfig:
     deadline_ms: float = 100.0
     writes: WriteMode = "sync"
     breaker_reset_s: float = 5.0
+    resumption: Resumption = "stateful"  # session ids, shared tickets, or both
+    ticket_period_s: float = 3600.0  # one shared ticket key per period
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class BackendConfig:
     # Apache-compatible storage (tlscache.apache), with an Apache httpd in the farm:
     apache_server_name: str | None = None  # Apache's ServerName host:port (session id context)
     apache_session_cache: str | None = None  # Apache's SSLSessionCache argument
+    kind: BackendKind = "threaded"  # which server runs it (KIND_MODULES)
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,7 @@ class FarmConfig:
     sessions: int = 20000
     cache_servers: int = 2  # memcached servers with --cache memcached
     with_apache: bool = False  # an Apache httpd behind the balancer too (docs/apache.md)
+    backend_kinds: tuple[BackendKind, ...] = ("threaded",)  # cycled over the backends
 
     def backend(
         self,
@@ -122,6 +138,7 @@ class FarmConfig:
             dc_address=dc_address,
             keys=keys,
             store=store,
+            kind=self.backend_kinds[(index - 1) % len(self.backend_kinds)],
         )
 
 
@@ -130,7 +147,7 @@ class FarmConfig:
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
     """The options both programs take: ``--tls``, ``--cache``, ``--session-timeout``,
-    ``--cache-deadline-ms``, ``--cache-writes``."""
+    ``--cache-deadline-ms``, ``--cache-writes``, ``--resumption``, ``--ticket-period``."""
     default = CacheConfig()
     p.add_argument(
         "--tls",
@@ -177,6 +194,22 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
         help="after the circuit breaker opens, seconds before a backend tries its cache again "
         f"(default {default.breaker_reset_s:g}, as the library)",
     )
+    p.add_argument(
+        "--resumption",
+        choices=RESUMPTION_MODES,
+        default=default.resumption,
+        help="stateful (default): session ids (and TLS 1.3 tickets) looked up in the cache; "
+        "stateless: session tickets under ticket keys shared through the cache, no lookup; "
+        "both: tickets, and session ids for TLS 1.2 clients without tickets (docs/tickets.md)",
+    )
+    p.add_argument(
+        "--ticket-period",
+        type=float,
+        metavar="S",
+        default=default.ticket_period_s,
+        help="with --resumption stateless or both: seconds each shared ticket key issues "
+        f"tickets before the next one takes over (default {default.ticket_period_s:g})",
+    )
 
 
 def cache_config(args: argparse.Namespace) -> CacheConfig:
@@ -187,6 +220,8 @@ def cache_config(args: argparse.Namespace) -> CacheConfig:
         deadline_ms=args.cache_deadline_ms,
         writes=cast(WriteMode, args.cache_writes),
         breaker_reset_s=args.cache_breaker_reset_s,
+        resumption=cast(Resumption, args.resumption),
+        ticket_period_s=args.ticket_period,
     )
 
 
@@ -196,12 +231,13 @@ def cache_config(args: argparse.Namespace) -> CacheConfig:
 def backend_argv(cfg: BackendConfig) -> list[str]:
     """The command line that starts the backend ``cfg`` describes, with this interpreter."""
     c = cfg.cache
-    argv = [sys.executable, "-m", "tlscache_farm.backend", "--name", cfg.name]
+    argv = [sys.executable, "-m", KIND_MODULES[cfg.kind], "--name", cfg.name]
     argv += ["--host", cfg.host, "--port", str(cfg.port), "--admin-port", str(cfg.admin_port)]
     argv += ["--cert", cfg.cert, "--key", cfg.key, "--tls", cfg.tls, "--cache", c.mode]
     argv += ["--session-timeout", str(c.session_timeout)]
     argv += ["--cache-deadline-ms", str(c.deadline_ms), "--cache-writes", c.writes]
     argv += ["--cache-breaker-reset-s", str(c.breaker_reset_s)]
+    argv += ["--resumption", c.resumption, "--ticket-period", repr(c.ticket_period_s)]
     argv += ["--max-connections", str(cfg.max_connections)]
     argv += ["--idle-timeout", str(cfg.idle_timeout)]
     if cfg.dc_address:

@@ -266,13 +266,15 @@ class Farm:
             cache_servers=merge_servers(
                 [(c.name, c.address) for c in self.cache_servers], backends
             ),
+            resumption=cfg.cache.resumption,
         )
 
     def describe(self, out: TextIO, status_port: int | None = None) -> None:
         """Where everything listens, for people: entry points first, then the parts."""
         cfg = self.config
         out.write(
-            f"tlscache farm: {cfg.backends} backends, TLS <= {cfg.tls}, cache {cfg.cache.mode}\n"
+            f"tlscache farm: {cfg.backends} backends, TLS <= {cfg.tls}, cache {cfg.cache.mode}, "
+            f"resumption {cfg.cache.resumption}\n"
         )
         balancer = self.supervisor.proc("balancer")
         out.write(f"  {'balancer':<12} {balancer.address}\n")

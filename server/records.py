@@ -122,6 +122,31 @@ class CacheServerEntry:
 
 
 @dataclass(frozen=True)
+class TicketStatus:
+    """A backend's session-ticket keys (:class:`tlscache.ticketkeys.TicketKeyStats`): counters
+    since start and the state now. ``decrypted + renewed`` is the handshakes resumed by ticket."""
+
+    issued: int
+    decrypted: int
+    renewed: int
+    rejected: int
+    failed: int
+    rotations: int
+    store_failures: int
+    local_keys: int
+    retired: int
+    keys_held: int
+    current_period: int | None
+    current_shared: bool  # the key issuing now is the farm's shared one (else local)
+    period_s: float
+
+    @property
+    def resumed(self) -> int:
+        """Handshakes resumed by ticket."""
+        return self.decrypted + self.renewed
+
+
+@dataclass(frozen=True)
 class BackendStatus:
     """One backend, as its ``/status.json`` says."""
 
@@ -145,6 +170,8 @@ class BackendStatus:
     keys: str | None = None  # the key ring that seals its sessions
     store: str | None = None  # its store string (memcached/Redis modes)
     store_servers: list[StoreServer] = field(default_factory=list)
+    resumption: str = "stateful"  # stateful, stateless or both (tlscache.resumption)
+    tickets: TicketStatus | None = None  # None: no shared ticket keys (stateful)
 
 
 @dataclass(frozen=True)
@@ -204,6 +231,7 @@ class FarmStatus:
     keys: str | None = None  # the run's key ring, handed to every backend
     balancer_status: str | None = None  # the balancer's plain-HTTP status URL
     cache_servers: list[CacheServerEntry] = field(default_factory=list)
+    resumption: str = "stateful"
 
     def caches(self) -> list[CacheStats]:
         """The cache statistics of every backend that answered and has a cache."""

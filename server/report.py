@@ -16,6 +16,7 @@ from tlscache import CacheStats
 from tlscache.latency import histogram_quantile
 
 from .config import HOST, STORE_MODES, FarmConfig, WorkloadConfig
+from .kinds import matrix_lines, resumption_matrix
 from .orchestrator import Farm
 from .procs import free_port
 from .records import FarmStatus
@@ -55,6 +56,25 @@ def _lookup_ms(status: FarmStatus) -> str:
     return f"{p50:.2f} / {histogram_quantile(bounds, counts, 0.99, top):.2f}"
 
 
+@dataclass(frozen=True)
+class ResumedBy:
+    """Resumed handshakes as the servers counted them: by ticket (the ticket key callback
+    accepted the ticket: decrypted + renewed) and the rest, by session id (a cache lookup)."""
+
+    ticket: int
+    session_id: int
+
+    @classmethod
+    def of(cls, status: FarmStatus) -> ResumedBy:
+        answered = [b.status for b in status.backends if b.status is not None]
+        resumed = sum(s.handshakes.resumed for s in answered)
+        ticket = sum(s.tickets.resumed for s in answered if s.tickets is not None)
+        return cls(ticket, max(0, resumed - ticket))
+
+    def text(self) -> str:
+        return f"{self.ticket} / {self.session_id}"
+
+
 def format_report(runs: list[Run], backends: int, title: str) -> str:
     """The side-by-side table."""
     sums = [r.summary for r in runs]
@@ -81,6 +101,7 @@ def format_report(runs: list[Run], backends: int, title: str) -> str:
         [_sums(st, lambda c: c.hits, lambda c: c.misses) for st in statuses],
     )
     row("cache lookup ms p50 / p99", [_lookup_ms(st) for st in statuses])
+    row("resumed by ticket / session id", [ResumedBy.of(st).text() for st in statuses])
     row(
         "cache timeouts / errors / skipped",
         [
@@ -93,6 +114,19 @@ def format_report(runs: list[Run], backends: int, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def who_resumed_whose(runs: list[Run], base: FarmConfig) -> list[str]:
+    """With ``--backend-kinds``: resumptions by (kind that made the session, kind that resumed
+    it), from what the clients saw (the backend of the full handshake, of the resumption)."""
+    matrices = [
+        resumption_matrix(
+            ((s.origin, s.backend) for s in run.result.ok if s.offered and s.resumed),
+            base.backend_kinds,
+        )
+        for run in runs
+    ]
+    return matrix_lines(matrices, base.backend_kinds, WIDTH)
+
+
 def cache_server_lines(status: FarmStatus) -> str:
     """Each cache server of the shared farm: health and its share of the stored sessions."""
     lines = [
@@ -103,11 +137,18 @@ def cache_server_lines(status: FarmStatus) -> str:
     return "".join(lines)
 
 
-def conclusion(shared: WorkloadSummary, per_backend: WorkloadSummary) -> str:
+def conclusion(
+    shared: WorkloadSummary, per_backend: WorkloadSummary, by: ResumedBy | None = None
+) -> str:
     """The report's last line: what the table means, in one sentence."""
+    how = (
+        f" ({by.ticket} by ticket, {by.session_id} by session id, as the servers counted)"
+        if by is not None
+        else ""
+    )
     return (
         f"Shared cache: resumed {shared.resumed} of {shared.offered} handshakes that offered a "
-        f"session, {shared.resumed_elsewhere} of them on another backend; per-backend caches "
+        f"session{how}, {shared.resumed_elsewhere} of them on another backend; per-backend caches "
         f"only: resumed {per_backend.resumed} of {per_backend.offered}."
     )
 
@@ -154,7 +195,7 @@ def run_report(base: FarmConfig, workload: WorkloadConfig, out: TextIO) -> int:
             out.write(f"[{run.label}] first error: {first_error}\n")
     title = (
         f"tlscache farm report: {base.backends} backends behind a round-robin balancer, "
-        f"TLS <= {base.tls}\n"
+        f"TLS <= {base.tls}, resumption {base.cache.resumption}\n"
         f"workload: {workload.clients} clients x (1 + {workload.reconnects} reconnects offering "
         f"their session) on each farm, {workload.pause_ms:g} ms before each reconnect,\n"
         f"  {workload.concurrency} clients at a time, each alternating between the two farms "
@@ -163,8 +204,11 @@ def run_report(base: FarmConfig, workload: WorkloadConfig, out: TextIO) -> int:
         "cache lookup ms: by the backends"
     )
     out.write("\n" + format_report(runs, base.backends, title))
+    if base.backend_kinds != ("threaded",):
+        out.write("\n".join(who_resumed_whose(runs, base)) + "\n")
     out.write(cache_server_lines(runs[0].status))
-    out.write("\n" + conclusion(runs[0].summary, runs[1].summary) + "\n")
+    by = ResumedBy.of(runs[0].status)
+    out.write("\n" + conclusion(runs[0].summary, runs[1].summary, by) + "\n")
     out.flush()
     return 0
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from tlscache import CacheStats
 
-from .records import BackendStatus, BalancerBackend, FarmStatus, Handshake
+from .records import BackendStatus, BalancerBackend, FarmStatus, Handshake, TicketStatus
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
@@ -109,6 +109,54 @@ def _cache_html(s: BackendStatus) -> str:
     return f"<p>Session cache: <b>{_e(s.cache_mode)}</b>.</p>"
 
 
+#: The ticket counters on the status pages, with their column titles.
+TICKET_COLUMNS: tuple[tuple[str, Callable[[TicketStatus], object]], ...] = (
+    ("issued", lambda t: t.issued),
+    ("decrypted", lambda t: t.decrypted),
+    ("renewed", lambda t: t.renewed),
+    ("rejected", lambda t: t.rejected),
+    ("rotations", lambda t: t.rotations),
+    ("store failures", lambda t: t.store_failures),
+    ("keys held", lambda t: t.keys_held),
+    ("current period", lambda t: t.current_period),
+    ("key", lambda t: "shared" if t.current_shared else "local"),
+)
+
+
+def _ticket_cells(t: TicketStatus | None) -> list[str]:
+    if t is None:
+        return ["-"] * len(TICKET_COLUMNS)
+    cells = [_e(value(t)) for _, value in TICKET_COLUMNS]
+    if not t.current_shared:
+        cells[-1] = '<b class="dead">local</b>'
+    return cells
+
+
+def _tickets_html(s: BackendStatus) -> str:
+    """The backend's ticket keys: what it issued and accepted, and the key it issues under."""
+    if s.tickets is None:
+        return ""
+    titles = [title for title, _ in TICKET_COLUMNS]
+    return (
+        f"<h2>Session tickets</h2><p>Resumption <b>{_e(s.resumption)}</b>, one shared key per "
+        f"{_e(s.tickets.period_s)} s.</p>{_table(titles, [_ticket_cells(s.tickets)])}"
+    )
+
+
+def _tickets_table(data: FarmStatus) -> str:
+    """Per backend, its ticket counters (the farm's page), when the farm uses tickets."""
+    if not any(b.status and b.status.tickets for b in data.backends):
+        return ""
+    rows = [
+        [_e(b.name), *_ticket_cells(b.status.tickets if b.status else None)] for b in data.backends
+    ]
+    table = _table(["backend", *(title for title, _ in TICKET_COLUMNS)], rows)
+    return (
+        f"<h2>Session tickets</h2><p>Resumption <b>{_e(data.resumption)}</b>: decrypted + "
+        f"renewed are the handshakes resumed by ticket; a local key is not shared.</p>{table}"
+    )
+
+
 def render_backend(s: BackendStatus) -> str:
     """One backend's page: its handshakes, latency and cache counters."""
     hs, lat = s.handshakes, s.handshake_ms
@@ -139,8 +187,9 @@ def render_backend(s: BackendStatus) -> str:
     keys = f" Key ring <code>{_e(s.keys)}</code>." if s.keys else ""
     body = (
         f"<p>pid {_e(s.pid)}, TLS &le; {_e(s.tls)}, cache <b>{_e(s.cache_mode)}</b> "
-        f"({_e(s.dc_address)}), up {_e(s.uptime_s)} s.{keys}</p>"
-        f"{summary}{latency}<h2>Session cache</h2>{_cache_html(s)}"
+        f"({_e(s.dc_address)}), up {_e(s.uptime_s)} s.{keys} JSON: "
+        "<a href='/status.json'>/status.json</a>, Prometheus: <a href='/metrics'>/metrics</a>.</p>"
+        f"{summary}{latency}<h2>Session cache</h2>{_cache_html(s)}{_tickets_html(s)}"
         f"<h2>Recent handshakes</h2>{recent}"
     )
     return page(f"tlscache backend {s.name}", body, refresh=5)
@@ -258,8 +307,10 @@ def render_farm(data: FarmStatus, token: str) -> str:
     )
     body = (
         f"<p>Balancer <code>{_e(data.balancer_url)}</code>, TLS &le; {_e(data.tls)}, "
-        f"cache <b>{_e(data.cache)}</b>. JSON: <a href='/status.json'>/status.json</a>.</p>"
-        f"<h2>Backends</h2>{backends}{servers}{keys}<h2>Processes</h2>{procs}"
+        f"cache <b>{_e(data.cache)}</b>, resumption <b>{_e(data.resumption)}</b>. "
+        "JSON: <a href='/status.json'>/status.json</a>.</p>"
+        f"<h2>Backends</h2>{backends}{_tickets_table(data)}{servers}{keys}"
+        f"<h2>Processes</h2>{procs}"
         "<h2>Who resumed where</h2><p>TLS 1.2: one session id, full on one backend and then "
         "resumed on others, is a session shared across the farm. TLS 1.3: every ticket has its "
         "own id, and a resumed handshake shows the id of the ticket it used.</p>"

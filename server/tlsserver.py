@@ -264,10 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
+    stopping = threading.Event()
+
     def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        # Only a flag: an exception raised here could land inside an OpenSSL callback
+        # or a lock of the cache and be lost there. The workers are threads; the main
+        # thread only waits for this.
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     ctx, cache = make_context(args)
     log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
     listener = socket.socket()
@@ -287,12 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 sock.close()
 
-    for _ in range(max(0, args.threads - 1)):
+    for _ in range(max(1, args.threads)):
         threading.Thread(target=worker, daemon=True).start()
     try:
-        worker()
-    except KeyboardInterrupt:
-        pass
+        while not stopping.wait(0.2):
+            pass
     finally:
         listener.close()
         if cache is not None:

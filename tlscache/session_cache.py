@@ -19,7 +19,10 @@ fail and to cost little when the store misbehaves:
   session ids nor sessions, only keyed hashes of the ids and sealed values
   (:mod:`tlscache.sealing`); a value that does not open is a miss;
 * sessions are deleted from the store only when their connection ended in a
-  fatal alert, by default (see :data:`RemovePolicy`).
+  fatal alert, by default (see :data:`RemovePolicy`);
+* with ``single_use=True`` a TLS 1.3 ticket resumes at most once across the farm:
+  the lookup takes the entry (an atomic get-and-delete in the store) instead of
+  reading it. TLS 1.2 sessions stay reusable (see :meth:`SessionCache._lookup_once`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import enum
 import gc
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -50,6 +54,7 @@ from tlscache.keyring import KeyRing, KeyRingFile
 from tlscache.latency import histogram_quantile
 from tlscache.sealing import SEAL_OVERHEAD, Sealer
 from tlscache.stores.base import MAX_ID_LEN, MAX_VALUE_LEN, SessionStore, WriteStatus
+from tlscache.stores.near import NearCache
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -82,6 +87,8 @@ _REMOVE_POLICIES: Final = ("alerts", "delete", "ignore")
 LATENCY_BUCKETS_MS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
 _DER_SEQUENCE = 0x30
+_DER_INTEGER = 0x02
+_TLS10, _TLS12 = 0x0301, 0x0303
 #: A call that takes this many times its time budget counts as a timeout (scheduling
 #: jitter past the deadline does not; a store that ignores deadlines does).
 _LATE_FACTOR = 2.0
@@ -220,6 +227,11 @@ class CacheStats:
     latency_p50_ms: float  #: median lookup latency, interpolated from the histogram
     latency_p99_ms: float  #: 99th percentile, interpolated from the histogram
     latency_max_ms: float  #: slowest lookup seen
+    latency_sum_ms: float = 0.0  #: all lookups' times added up (a Prometheus histogram's _sum)
+    takes: int = 0  #: single use: TLS 1.3 sessions handed out and removed from the store
+    take_misses: int = 0  #: single use: takes that found nothing (absent, expired, used)
+    take_fallbacks: int = 0  #: of ``takes``, by GET then DELETE (a store without take)
+    put_back: int = 0  #: single use: TLS 1.2 sessions taken, then stored again (reusable)
 
     @property
     def lookups(self) -> int:
@@ -261,6 +273,10 @@ class _Counters:
     sealed_retired_key: int = 0
     sealed_tampered: int = 0
     sealed_expired: int = 0
+    takes: int = 0
+    take_misses: int = 0
+    take_fallbacks: int = 0
+    put_back: int = 0
 
     def hit(self) -> None:
         self.hits += 1
@@ -331,6 +347,79 @@ def _der_sequence_fits(value: bytes) -> bool:
     return 2 + k + int.from_bytes(value[2 : 2 + k], "big") == n
 
 
+def _der_fields(der: bytes) -> Iterator[tuple[int, bytes]]:
+    """(tag, contents) of each element of the outer DER SEQUENCE, in order; stops at the
+    first element that does not fit (the caller then knows less, never something wrong)."""
+    if len(der) < 2 or der[0] != _DER_SEQUENCE:
+        return
+    i, n = 2, len(der)
+    if der[1] & 0x80:
+        i += der[1] & 0x7F
+    while i + 2 <= n:
+        tag, length = der[i], der[i + 1]
+        i += 2
+        if length & 0x80:
+            k = length & 0x7F
+            if not 1 <= k <= 4 or i + k > n:
+                return
+            length = int.from_bytes(der[i : i + k], "big")
+            i += k
+        if i + length > n:
+            return
+        yield tag, der[i : i + length]
+        i += length
+
+
+def _der_int(contents: bytes) -> int | None:
+    """An INTEGER TLV's value (``contents`` is the whole TLV, as in an EXPLICIT tag)."""
+    if len(contents) < 3 or contents[0] != _DER_INTEGER or contents[1] != len(contents) - 2:
+        return None
+    return int.from_bytes(contents[2:], "big", signed=True)
+
+
+def _single_use_applies(der: bytes) -> bool:
+    """Whether single use applies to this session: anything but TLS 1.0-1.2.
+
+    OpenSSL's session DER starts ``SEQUENCE { INTEGER 1, INTEGER ssl_version, ...}``;
+    OpenSSL resumes a session only in a handshake of that same version, so this field
+    says which kind of resumption the session can give. Unknown layouts count as TLS 1.3
+    (single use), the safe side.
+    """
+    fields = _der_fields(der)
+    first = next(fields, None)
+    second = next(fields, None)
+    if first != (_DER_INTEGER, b"\x01") or second is None or second[0] != _DER_INTEGER:
+        return True
+    return not _TLS10 <= int.from_bytes(second[1], "big") <= _TLS12
+
+
+def _seconds_left(der: bytes, now: float) -> float | None:
+    """Seconds until the session's own expiry (``[1] time`` + ``[2] timeout``), if readable."""
+    issued = lifetime = None
+    for tag, contents in _der_fields(der):
+        if tag == 0xA1:
+            issued = _der_int(contents)
+        elif tag == 0xA2:
+            lifetime = _der_int(contents)
+    if issued is None or lifetime is None:
+        return None
+    return issued + lifetime - now
+
+
+def _store_chain(store: SessionStore) -> Iterator[SessionStore]:
+    """``store`` and the stores it wraps (``inner``), outermost first."""
+    seen: set[int] = set()
+    current: object = store
+    while isinstance(current, SessionStore) and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = getattr(current, "inner", None)
+
+
+#: A store call that answers a lookup: ``fetch`` or ``take``.
+_Read = Callable[[bytes, Deadline], bytes | None]
+
+
 def _as_bytes(value: object) -> bytes | None:
     """A store's answer as bytes; a wrong type becomes b"" (rejected as implausible)."""
     if value is None or type(value) is bytes:
@@ -384,6 +473,12 @@ class SessionCache:
     (see ``docs/security.md``). ``remove_policy`` says when sessions are deleted
     from the store (:data:`RemovePolicy`).
 
+    ``single_use=True`` makes each TLS 1.3 ticket resume at most once across every
+    server sharing the store: lookups take the entry (``store.take``) instead of
+    reading it. A store without an atomic take gets a GET then a DELETE instead
+    (best effort, counted in ``take_fallbacks``); a :class:`~tlscache.stores.NearCache`
+    is refused. See ``docs/session-cache.md``, "Single-use tickets".
+
     Each lookup and each write gets one :class:`~tlscache.deadline.Deadline` on
     ``clock`` (monotonic, seconds; injectable for tests), which also times lookups
     and drives the breaker. A store must honour the deadline it is given: a call
@@ -410,6 +505,7 @@ class SessionCache:
         write_queue_size: int = 1024,
         stateful_tls13_tickets: bool = True,
         num_tickets: int | None = None,
+        single_use: bool = False,
         clock: Clock = time.monotonic,
     ) -> None:
         if timeout < 1:
@@ -422,6 +518,12 @@ class SessionCache:
             raise ConfigurationError("write_queue_size must be at least 1")
         if keys is not None and insecure_unsealed_storage:
             raise ConfigurationError("pass keys or insecure_unsealed_storage=True, not both")
+        if single_use and any(isinstance(s, NearCache) for s in _store_chain(store)):
+            raise ConfigurationError(
+                "single_use=True needs every lookup to reach the shared store, and a "
+                "NearCache answers from a local copy (a ticket used on another server "
+                "would still resume here): drop the near cache or single use"
+            )
         self.store = store
         self.timeout = int(timeout)
         if keys is None:
@@ -445,12 +547,15 @@ class SessionCache:
         self.write_queue_size = write_queue_size
         self.stateful_tls13_tickets = stateful_tls13_tickets
         self.num_tickets = num_tickets
+        self.single_use = single_use
+        self._take_checked = False  # single use: the store was asked whether it can take
         self.breaker = CircuitBreaker(breaker_threshold, breaker_reset_s, clock=clock)
 
         self._lock = threading.Lock()
         self._counts = _Counters()
         self._hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self._max_ms = 0.0
+        self._sum_ms = 0.0
         self._closed = False
         self._warned_unsealed = False
         # Writer state; the thread starts lazily, and again in a forked child.
@@ -477,8 +582,11 @@ class SessionCache:
 
     # ------------------------------------------------------------ setup
 
-    def install(self, ctx: SSL.Context) -> bytes:
+    def install(self, ctx: SSL.Context | ssl.SSLContext) -> bytes:
         """Route ``ctx``'s session cache through this object and set its session timeout.
+
+        ``ctx`` is a pyOpenSSL ``Context`` or a standard library ``ssl.SSLContext``
+        (asyncio servers; see ``docs/servers/asyncio-stdlib.md``).
 
         Returns the session id context set on ``ctx`` (``session_id_context``, or the
         default derived from the server's certificate and trust settings).
@@ -499,16 +607,29 @@ class SessionCache:
                 "that gives up)."
             )
         from tlscache.openssl.callbacks import install_callbacks
+        from tlscache.openssl.stdlib import install_stdlib_callbacks
 
-        context = install_callbacks(
-            ctx,
-            self,
-            session_id_context=self.session_id_context,
-            disable_internal_cache=True,
-            stateful_tls13_tickets=self.stateful_tls13_tickets,
-            num_tickets=self.num_tickets,
-        )
-        ctx.set_timeout(self.timeout)
+        if isinstance(ctx, ssl.SSLContext):
+            context = install_stdlib_callbacks(
+                ctx,
+                self,
+                session_id_context=self.session_id_context,
+                stateful_tls13_tickets=self.stateful_tls13_tickets,
+                num_tickets=self.num_tickets,
+                timeout_s=self.timeout,
+            ).session_id_context
+        else:
+            context = install_callbacks(
+                ctx,
+                self,
+                session_id_context=self.session_id_context,
+                disable_internal_cache=True,
+                stateful_tls13_tickets=self.stateful_tls13_tickets,
+                num_tickets=self.num_tickets,
+            )
+            ctx.set_timeout(self.timeout)
+        if self.single_use and not self._take_checked:
+            self._check_take()
         if self.insecure_unsealed_storage and not self._warned_unsealed:
             self._warned_unsealed = True
             log.warning(
@@ -519,6 +640,35 @@ class SessionCache:
                 type(self.store).__name__,
             )
         return context
+
+    def _check_take(self) -> None:
+        """Single use: learn whether the store can take (a distcache server says so only
+        when probed: probe it now, best effort), and say once if it cannot."""
+        self._take_checked = True
+        for store in _store_chain(self.store):
+            probe = getattr(store, "capabilities", None)
+            if callable(probe):
+                try:
+                    probe(Deadline.after(self._lookup_budget_s, self._clock))
+                except Exception as exc:
+                    # DistcacheStore.fetch probes again; until then, lookups GET and DELETE.
+                    log.warning(
+                        "could not ask %s whether it can take (%s): single use is "
+                        "best-effort (GET, then DELETE) until it answers",
+                        type(store).__name__,
+                        type(exc).__name__,
+                    )
+                    return
+                break
+        if not self.store.supports_take:
+            log.warning(
+                "single use is best-effort on %s: it has no atomic take, so a TLS 1.3 "
+                "session is read, then deleted. A lookup elsewhere between the GET and the "
+                "DELETE reaching the store resumes it too (the replay window: one store "
+                "round trip, at most %.0f ms here).",
+                type(self.store).__name__,
+                self._write_budget_s * 1000.0,
+            )
 
     # ------------------------------------------------------------ OpenSSL callbacks
 
@@ -549,16 +699,22 @@ class SessionCache:
         except Exception as exc:  # pragma: no cover - defensive: nothing may reach OpenSSL
             log.error("unexpected error in the new-session callback: %s", describe_error(exc))
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
-        """A client offers ``session_id``: its DER from the store, or None for a full handshake."""
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
+        """A client offers ``session_id``: its DER from the store, or None for a full handshake.
+
+        ``tls13`` says whether the handshake is TLS 1.3 (None: unknown). Single use
+        applies to TLS 1.3 only, so a TLS 1.2 lookup reads as usual; unknown, the
+        session's own version decides once it is in hand.
+        """
         try:
             if self._deferred_deletes:
                 self._run_deferred_deletes()
             sealer = self.sealer
+            lookup = self._lookup_once if self.single_use and tls13 is not False else self._lookup
             if sealer is None:
-                return self._lookup(bytes(session_id), None)
+                return lookup(bytes(session_id), None)
             context = bytes(context)
-            return self._lookup(sealer.lookup_key(context, session_id), context)
+            return lookup(sealer.lookup_key(context, session_id), context)
         except Exception as exc:  # pragma: no cover - defensive
             log.error("unexpected error in the get-session callback: %s", describe_error(exc))
             return None
@@ -648,9 +804,13 @@ class SessionCache:
 
     # ------------------------------------------------------------ lookups
 
-    def _lookup(self, key: bytes, context: bytes | None) -> bytes | None:
-        """One store round trip for ``key``; ``context`` is None when values are unsealed."""
-        pending = self._pending.get(key)
+    def _lookup(self, key: bytes, context: bytes | None, read: _Read | None = None) -> bytes | None:
+        """One store round trip for ``key``; ``context`` is None when values are unsealed.
+
+        ``read`` replaces ``store.fetch`` (single use passes ``store.take``); then the
+        caller has looked at the queued writes itself.
+        """
+        pending = self._pending.get(key) if read is None else None
         if pending is not None:
             with self._lock:
                 counts = self._counts
@@ -665,7 +825,9 @@ class SessionCache:
         budget = self._lookup_budget_s
         start = clock()  # one read starts both the deadline and the latency measurement
         try:
-            value = _as_bytes(self.store.fetch(key, Deadline(start + budget, clock)))
+            value = _as_bytes(
+                (self.store.fetch if read is None else read)(key, Deadline(start + budget, clock))
+            )
         except StoreTimeout:
             self.breaker.failure()
             self._record_lookup(clock() - start, _Counters.timeout)
@@ -714,6 +876,83 @@ class SessionCache:
         self._record_lookup(elapsed, outcome)
         return value
 
+    def _lookup_once(self, key: bytes, context: bytes | None) -> bytes | None:
+        """Single use: a TLS 1.3 session is handed out at most once, then gone from the store.
+
+        The store is asked to take (get and delete atomically), so that of several
+        servers offered the same ticket at once exactly one gets it. Used when the
+        handshake's version is TLS 1.3 or unknown; when unknown, it shows once the session
+        is in hand: a TLS 1.2 session taken this way is stored again at once with what is
+        left of its lifetime. TLS 1.2 session ids are
+        meant to be reused (a client resumes one on several connections, often in
+        parallel), RFC 8446 section 8.1 asks single use of TLS 1.3 tickets only, and
+        Apache never deletes on use; a parallel TLS 1.2 lookup in the moment between the
+        take and the store makes a full handshake. A store without take gets a GET, then
+        a DELETE of a TLS 1.3 session before it is handed out (``take_fallbacks``); a
+        session whose DELETE failed is not used.
+        """
+        pending = self._pending.get(key)
+        if pending is not None:
+            if not _single_use_applies(pending):
+                with self._lock:
+                    self._counts.hits += 1
+                    self._counts.pending_hits += 1
+                return pending
+            with self._lock:
+                won = self._pending.get(key) is pending
+                if won:
+                    # The writer skips a write whose session is no longer pending.
+                    del self._pending[key]
+                    counts = self._counts
+                    counts.hits += 1
+                    counts.pending_hits += 1
+                    counts.takes += 1
+            if won:
+                return pending
+            # The writer has claimed it: it is in the store, or about to be.
+        store = self.store
+        if store.supports_take:
+            found: list[bool] = []  # whether the store's take answered with a value
+
+            def take(k: bytes, deadline: Deadline) -> bytes | None:
+                value = store.take(k, deadline)
+                found.append(value is not None)
+                return value
+
+            der = self._lookup(key, context, take)
+            if der is None:
+                if found == [False]:
+                    self._count_nowait("take_misses", 1)
+                return None
+            if _single_use_applies(der):
+                self._count_nowait("takes", 1)
+            else:
+                self._put_back(key, context, der)
+            return der
+        der = self._lookup(key, context, store.fetch)
+        if der is None or not _single_use_applies(der):
+            return der
+        if not self._write(key, None, 0.0):
+            return None  # still in the store: not used (a hit, and a remove error)
+        with self._lock:
+            self._counts.takes += 1
+            self._counts.take_fallbacks += 1
+        return der
+
+    def _put_back(self, key: bytes, context: bytes | None, der: bytes) -> None:
+        """Store again a session that single use does not apply to, for its remaining life."""
+        left = _seconds_left(der, time.time())
+        ttl = self.timeout if left is None else min(self.timeout, int(left))
+        if ttl < 1:
+            return  # expired: OpenSSL refuses it anyway
+        sealer = self.sealer
+        value = der if sealer is None or context is None else sealer.seal(key, context, der, ttl)
+        self._count_nowait("put_back", 1)
+        if self.async_writes:
+            self._enqueue((key, value, float(ttl), der))
+        else:
+            self._write(key, value, float(ttl))
+
     @staticmethod
     def _plausible(value: bytes) -> bool:
         """Cheap check before OpenSSL parses it: one DER SEQUENCE of sane size. d2i decides."""
@@ -725,14 +964,16 @@ class SessionCache:
         index = bisect.bisect_left(LATENCY_BUCKETS_MS, ms)
         with self._lock:
             self._hist[index] += 1
+            self._sum_ms += ms
             if ms > self._max_ms:
                 self._max_ms = ms
             outcome(self._counts)
 
     # ------------------------------------------------------------ writes
 
-    def _write(self, key: bytes, value: bytes | None, ttl: float) -> None:
-        """One store/delete call with the breaker and the deadline. Never raises."""
+    def _write(self, key: bytes, value: bytes | None, ttl: float) -> bool:
+        """One store/delete call with the breaker and the deadline; True if the store
+        carried it out. Never raises."""
         deleting = value is None
         if not self.breaker.allow():
             with self._lock:
@@ -740,7 +981,7 @@ class SessionCache:
                     self._counts.remove_errors += 1
                 else:
                     self._counts.writes_skipped += 1
-            return
+            return False
         clock = self._clock
         budget = self._write_budget_s
         start = clock()
@@ -754,7 +995,7 @@ class SessionCache:
         except StoreTimeout:
             self.breaker.failure()
             self._count_write(deleting, done=False, timed_out=True)
-            return
+            return False
         except Exception as exc:
             self.breaker.failure()
             self._count_write(deleting, done=False)
@@ -762,11 +1003,11 @@ class SessionCache:
                 log.debug("session store write failed: %s", type(exc).__name__)
             else:
                 log.warning("session store raised an unexpected error: %s", describe_error(exc))
-            return
+            return False
         if clock() - start > budget * _LATE_FACTOR:
             self.breaker.failure()
             self._count_write(deleting, done=True, timed_out=True)
-            return
+            return True
         if status is WriteStatus.SENT:
             # Only an answer from the store is a success: a pipelined write that only
             # reached the kernel would otherwise reset the failures of a stalled store.
@@ -774,6 +1015,7 @@ class SessionCache:
         else:
             self.breaker.success()
         self._count_write(deleting, done=True)
+        return True
 
     def _count_write(self, deleting: bool, *, done: bool, timed_out: bool = False) -> None:
         """Count a store or delete call that ran: ``done`` if the store took it."""
@@ -869,7 +1111,8 @@ class SessionCache:
                         return
                     key, value, ttl, der = item
                     try:
-                        self._write(key, value, ttl)
+                        if der is None or not self.single_use or self._claim(key, der):
+                            self._write(key, value, ttl)
                     finally:
                         with lock:
                             if der is not None and self._pending.get(key) is der:
@@ -877,6 +1120,18 @@ class SessionCache:
                             self._inflight -= 1
                             if self._inflight == 0:
                                 self._idle.notify_all()
+
+    def _claim(self, key: bytes, der: bytes) -> bool:
+        """Single use: whether the writer may store this queued session. A TLS 1.3 session
+        leaves the pending map as its write starts (a lookup here then takes it from the
+        store), and one a lookup here took while queued is not written at all."""
+        if not _single_use_applies(der):
+            return True
+        with self._lock:
+            if self._pending.get(key) is not der:
+                return False  # taken here, replaced or deleted since it was queued
+            del self._pending[key]
+            return True
 
     def flush(self, timeout_s: float = 1.0) -> bool:
         """Wait until every queued write is done; False if ``timeout_s`` passed first."""
@@ -917,6 +1172,7 @@ class SessionCache:
             c = replace(self._counts)
             hist = tuple(self._hist)
             max_ms = self._max_ms
+            sum_ms = self._sum_ms
             pending = self._inflight
         return CacheStats(
             stores=c.stores,
@@ -949,11 +1205,17 @@ class SessionCache:
             latency_p50_ms=histogram_quantile(LATENCY_BUCKETS_MS, hist, 0.50, max_ms),
             latency_p99_ms=histogram_quantile(LATENCY_BUCKETS_MS, hist, 0.99, max_ms),
             latency_max_ms=max_ms,
+            latency_sum_ms=sum_ms,
+            takes=c.takes,
+            take_misses=c.take_misses,
+            take_fallbacks=c.take_fallbacks,
+            put_back=c.put_back,
         )
 
     def __repr__(self) -> str:
         return (
             f"<SessionCache store={type(self.store).__name__} timeout={self.timeout}s "
             f"{'sealed' if self.sealer is not None else 'unsealed'} "
+            f"{'single-use ' if self.single_use else ''}"
             f"breaker={self.breaker.state.value}>"
         )

@@ -32,6 +32,7 @@ from tlscache.distcache.protocol import (
     Message,
     Operation,
     Result,
+    encode_add,
     encode_empty_response,
     encode_get,
     encode_have,
@@ -579,6 +580,31 @@ def test_scarce_slots_go_round_robin_one_request_per_client() -> None:
         order += [m.payload for m in pending]
     # Then one request per client per turn: A's pipeline does not starve B and C.
     assert order == [b"a", b"b", b"c"] * 3
+
+
+def test_big_requests_are_capped_in_bytes_and_others_go_between_them() -> None:
+    """ADDs of 32 KiB from one client put at most the byte cap ahead of another's GET."""
+    h = Harness(max_in_flight_bytes=64 * 1024, client_in_flight=16)
+    h.start()
+    h.connect("storm")
+    h.connect("lookup")
+    big = b"S" * (32 * 1024 - 8 - 3)  # payloads of exactly 32 KiB
+    h.send("storm", b"".join(encode_add(i, b"s%02d" % i, big, 60_000) for i in range(16)))
+    first = h.take_upstream()
+    assert len(first) == 2, [len(m.payload) for m in first]  # the cap, not 16 slots
+    h.send("lookup", encode_get(1, b"sid"))
+    assert h.take_upstream() == []  # waits for bytes to come back, not behind 14 more ADDs
+    order: list[str] = []
+    pending = first
+    while pending:
+        h.reply(b"".join(encode_response(m.uid, m.operation, b"\x00") for m in pending))
+        pending = h.take_upstream()
+        assert sum(len(m.payload) for m in pending) <= 64 * 1024 + 64, pending
+        order += ["get" if m.operation is Operation.GET else "add" for m in pending]
+    # Round-robin: the lookup goes out with the first requests released.
+    assert "get" in order[:2], order
+    assert order.count("add") == 14, order
+    assert [m.uid for m in h.take("lookup")] == [1]
 
 
 def test_output_budget_blocks_forwarding_and_stalled_clients_are_evicted() -> None:

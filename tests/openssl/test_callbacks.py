@@ -65,7 +65,7 @@ class DictHandler:
         self.new.append((session_id, der, timeout_s))
         self.store[session_id] = der
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
         self.contexts.add(context)
         self.gets.append(session_id)
         return self.store.get(session_id)
@@ -83,7 +83,7 @@ class DictHandler:
 class MissHandler(DictHandler):
     """Stores nothing it is given back: every lookup misses."""
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
         self.gets.append(session_id)
         return None
 
@@ -95,7 +95,7 @@ class RaisingHandler:
         self.calls += 1
         raise RuntimeError("store down")
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
         self.calls += 1
         raise RuntimeError("store down")
 
@@ -109,7 +109,7 @@ class RaisingHandler:
 
 
 class GarbageHandler(DictHandler):
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
         self.gets.append(session_id)
         return b"\x30\x03garbage" if session_id in self.store else None
 
@@ -525,7 +525,7 @@ def test_disabled_resolver_raises_cleanly() -> None:
         "from tlscache.openssl.callbacks import install_callbacks\n"
         "class H:\n"
         "    def on_new(self, c, s, d, t): pass\n"
-        "    def on_get(self, c, s): return None\n"
+        "    def on_get(self, c, s, v=None): return None\n"
         "    def on_remove(self, c, s): pass\n"
         "    def on_fatal_alert(self, c, s): pass\n"
         "try:\n"
@@ -823,7 +823,7 @@ class ExitingHandler:
     def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None:
         raise SystemExit(1)
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
         raise GeneratorExit
 
     def on_remove(self, context: bytes, session_id: bytes) -> None:
@@ -882,7 +882,7 @@ class QuotingHandler(DictHandler):
         super().on_new(context, session_id, der, timeout_s)
         raise ValueError(f"cannot keep {der.hex()}")
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None:
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
         der = self.store[session_id]
         raise ValueError(f"refusing {der.hex()}")
 

@@ -430,7 +430,7 @@ _SYSTEM_SCRIPT = textwrap.dedent(
     class H:
         def __init__(self): self.d = {}
         def on_new(self, c, s, der, t): self.d[s] = der
-        def on_get(self, c, s): return self.d.get(s)
+        def on_get(self, c, s, v=None): return self.d.get(s)
         def on_remove(self, c, s): self.d.pop(s, None)
         def on_fatal_alert(self, c, ids): pass
 

@@ -37,6 +37,7 @@ from tlscache.distcache.multiplexer import (
     DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT_BYTES,
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_RETRY_MS,
     DEFAULT_WRITE_STALL_MS,
@@ -106,7 +107,23 @@ def build_parser() -> Parser:
         type=int_range(1, 65536),
         default=DEFAULT_MAX_IN_FLIGHT,
         help=f"requests outstanding at the server at once (default {DEFAULT_MAX_IN_FLIGHT}; "
-        "1 reproduces C's one-at-a-time forwarding, safest with the C dc_server)",
+        "1 reproduces C's one-at-a-time forwarding)",
+    )
+    parser.add_argument(
+        "--max-in-flight-bytes",
+        metavar="BYTES",
+        type=int_range(1, 1 << 30),
+        default=DEFAULT_MAX_IN_FLIGHT_BYTES,
+        help="request bytes outstanding at the server at once; one request always goes "
+        f"(default {DEFAULT_MAX_IN_FLIGHT_BYTES}: big ADDs cannot queue megabytes ahead "
+        "of other clients' lookups)",
+    )
+    parser.add_argument(
+        "--pipeline",
+        choices=("probe", "on", "off"),
+        default="probe",
+        help="forward many requests at once only to a server that says it can (probe, the "
+        "default: a C dc_server gets one at a time), always (on) or never (off)",
     )
     parser.add_argument(
         "--max-clients",
@@ -196,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     idle_ms=args.idle,
                     request_timeout_ms=args.request_timeout,
                     max_in_flight=args.max_in_flight,
+                    max_in_flight_bytes=args.max_in_flight_bytes,
+                    pipeline=args.pipeline,
                     max_clients=args.max_clients,
                     client_in_flight=args.client_in_flight,
                     client_output_budget=args.client_output_budget,

@@ -55,6 +55,7 @@ from tlscache.distcache.linktls import LinkTLS
 from tlscache.distcache.protocol import Capabilities, Result, new_probe_nonce
 from tlscache.distcache.sockets import connect
 from tlscache.exceptions import ClientError, ClientTimeout, TakeUnsupported
+from tlscache.pollio import PolledSocket
 
 __all__ = ["MAX_OWED", "Client"]
 
@@ -84,13 +85,35 @@ class _Retry(Exception):
 
 
 class _Conn:
-    """One connected socket and the protocol state of its connection."""
+    """One connected socket and the protocol state of its connection.
 
-    __slots__ = ("proto", "sock")
+    A plain socket is kept non-blocking and waited on with ``poll``
+    (:class:`~tlscache.pollio.PolledSocket`): a round trip is three system calls
+    instead of six. A TLS socket (``polled`` None) keeps socket timeouts: ``poll``
+    cannot see the bytes OpenSSL has already decrypted.
+    """
+
+    __slots__ = ("polled", "proto", "sock")
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.proto = ClientConnection(peer)
+        self.polled = None if isinstance(sock, ssl.SSLSocket) else PolledSocket(sock)
+
+    def recv(self, deadline: Deadline) -> bytes:
+        """One ``recv``, waiting for data until ``deadline``; TimeoutError past it."""
+        if self.polled is not None:
+            return self.polled.recv(_RECV_SIZE, deadline)
+        self.sock.settimeout(deadline.socket_timeout())
+        return self.sock.recv(_RECV_SIZE)
+
+    def sendall(self, data: bytes, deadline: Deadline) -> None:
+        """Hand ``data`` to the kernel, waiting (until ``deadline``) only if it will not take it."""
+        if self.polled is not None:
+            self.polled.sendall(data, deadline)
+        else:
+            self.sock.settimeout(deadline.socket_timeout())
+            self.sock.sendall(data)
 
 
 class Client:
@@ -417,7 +440,8 @@ class Client:
         sock = conn.sock
         proto = conn.proto
         try:
-            sock.settimeout(0.0)
+            if conn.polled is None:
+                sock.settimeout(0.0)
             data = sock.recv(_RECV_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             data = None  # TLS: nothing decrypted yet (bytes in ssl's buffer are returned)
@@ -444,6 +468,9 @@ class Client:
         try:
             if deadline.expired:
                 raise TimeoutError
+            if conn.polled is not None:
+                conn.sendall(data, deadline)
+                return
             sock.settimeout(0.0)
             try:
                 sent = sock.send(data)
@@ -459,14 +486,12 @@ class Client:
 
     def _read_owed(self, conn: _Conn, deadline: Deadline) -> None:
         """Read and check every reply ``conn`` owes, until ``deadline``."""
-        sock = conn.sock
         proto = conn.proto
         try:
             while proto.owed:
                 if deadline.expired:
                     raise TimeoutError
-                sock.settimeout(deadline.socket_timeout())
-                data = sock.recv(_RECV_SIZE)
+                data = conn.recv(deadline)
                 if not data:
                     raise ClientError(f"{self.address} closed the connection")
                 proto.receive_data(data)
@@ -484,15 +509,12 @@ class Client:
         the request's reply arrived, or if it turned out of step while owed
         replies were still being read.
         """
-        sock = conn.sock
         proto = conn.proto
         data = proto.send(request)
         try:
-            sock.settimeout(deadline.socket_timeout())
-            sock.sendall(data)
+            conn.sendall(data, deadline)
             while not request.done:
-                sock.settimeout(deadline.socket_timeout())
-                chunk = sock.recv(_RECV_SIZE)
+                chunk = conn.recv(deadline)
                 if not chunk:
                     if reused and not proto.reply_started:
                         raise _Retry

@@ -89,6 +89,10 @@ T = TypeVar("T")
 DEFAULT_RETRY_MS = 5000
 DEFAULT_REQUEST_TIMEOUT_MS = 1000
 DEFAULT_MAX_IN_FLIGHT = 512
+#: Request bytes outstanding upstream. A request waits behind at most this much of
+#: other clients' work at the server (plus one round of the round-robin), so a few
+#: clients pipelining 32 KiB ADDs cannot put megabytes ahead of everyone's lookups.
+DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024
 DEFAULT_MAX_CLIENTS = 1024
 DEFAULT_CLIENT_IN_FLIGHT = 16
 DEFAULT_CLIENT_OUTPUT_BUDGET = 256 * 1024
@@ -349,6 +353,7 @@ class ProxyLimits:
     idle_ms: int = 0  # close a local connection idle this long (0: never)
     request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS  # answer 0x02 after this long
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # requests outstanding upstream
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES  # their bytes (one always goes)
     max_clients: int = DEFAULT_MAX_CLIENTS  # local connections at once
     client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT  # upstream slots of one connection
     client_output_budget: int = DEFAULT_CLIENT_OUTPUT_BUDGET  # unsent answers of one
@@ -360,9 +365,19 @@ class ProxyLimits:
     def __post_init__(self) -> None:
         if self.pipeline not in ("probe", "on", "off"):
             raise ValueError(f"pipeline must be 'probe', 'on' or 'off', not {self.pipeline!r}")
-        if min(self.max_in_flight, self.max_clients, self.retry_ms, self.client_in_flight) < 1:
+        if (
+            min(
+                self.max_in_flight,
+                self.max_in_flight_bytes,
+                self.max_clients,
+                self.retry_ms,
+                self.client_in_flight,
+            )
+            < 1
+        ):
             raise ValueError(
-                "max_in_flight, max_clients, client_in_flight and retry_ms must be positive"
+                "max_in_flight, max_in_flight_bytes, max_clients, client_in_flight and "
+                "retry_ms must be positive"
             )
         if (
             min(self.client_output_budget, self.write_stall_ms, self.max_buffered) < 1
@@ -386,6 +401,7 @@ class Multiplexer(Generic[T]):
         self.idle = limits.idle_ms / 1000.0
         self.request_timeout = limits.request_timeout_ms / 1000.0
         self.max_in_flight = limits.max_in_flight
+        self.max_in_flight_bytes = limits.max_in_flight_bytes
         self.max_clients = limits.max_clients
         self.client_in_flight = limits.client_in_flight
         self.client_output_budget = limits.client_output_budget
@@ -411,6 +427,7 @@ class Multiplexer(Generic[T]):
         self._numbers = 0
         # Upstream uid -> (client, its request, time sent), in send order.
         self._inflight: dict[int, tuple[LocalClient[T], MessageFields, float]] = {}
+        self._inflight_bytes = 0  # payload bytes of those requests
         self._ready: deque[LocalClient[T]] = deque()  # clients with unsent requests
         self._up_decoder = Decoder(expect_response=True, fields=True)
         # Output, until drain().
@@ -502,6 +519,8 @@ class Multiplexer(Generic[T]):
         # Free slots, within this client's own share (what it has forwarded and
         # not had answered, see LocalClient.in_flight); none while it is blocked.
         room = self.max_in_flight - len(inflight)
+        if self._inflight_bytes >= self.max_in_flight_bytes and inflight:
+            room = 0
         own = client.share - len(waiting) + len(unsent)
         if own < room:
             room = own
@@ -526,6 +545,9 @@ class Multiplexer(Generic[T]):
             up_out.append((uid, m))
             uid = (uid + 1) & MAX_UID
             room -= 1
+            size = self._inflight_bytes = self._inflight_bytes + len(m[3])
+            if size >= self.max_in_flight_bytes:
+                room = 0
         self._uid = uid
         if unsent and not client.in_ready:
             client.in_ready = True
@@ -733,6 +755,7 @@ class Multiplexer(Generic[T]):
         self._uid = (uid + 1) & MAX_UID
         probe: MessageFields = (False, uid, _GET, probe_id(nonce))
         self._inflight[uid] = (self._prober, probe, now)
+        self._inflight_bytes += len(probe[3])
         self._up_out.append((uid, probe))
         self._probe_uid = uid
         self._probe_waited = False
@@ -807,6 +830,7 @@ class Multiplexer(Generic[T]):
                 c.early[id(m)] = _answer(m, _DISCONNECTED)
                 touched[c] = None
         self._inflight.clear()
+        self._inflight_bytes = 0
         # Every client, not just the ready ones: a blocked or capped one may be waiting too.
         for c in self._clients:
             c.in_ready = False
@@ -839,7 +863,8 @@ class Multiplexer(Generic[T]):
                 self._reset_upstream(now, f"answer with unknown request_uid {uid}")
                 return
             c, request, _ = entry
-            _, client_uid, request_op, _ = request
+            _, client_uid, request_op, payload = request
+            self._inflight_bytes -= len(payload)
             if op is not request_op:
                 inflight[uid] = entry  # answered 0x02 with the rest
                 self._reset_upstream(
@@ -879,7 +904,12 @@ class Multiplexer(Generic[T]):
         ready = self._ready
         inflight = self._inflight
         share = self.client_in_flight
-        while ready and len(inflight) < self.max_in_flight:
+        cap = self.max_in_flight_bytes
+        while (
+            ready
+            and len(inflight) < self.max_in_flight
+            and (self._inflight_bytes < cap or not inflight)
+        ):
             c = ready.popleft()
             if c.closed or not c.unsent or c.blocked or len(c.waiting) - len(c.unsent) >= share:
                 # Back in the queue when it has work, an answer frees a slot of
@@ -892,6 +922,7 @@ class Multiplexer(Generic[T]):
                 uid = (uid + 1) & MAX_UID
             self._uid = (uid + 1) & MAX_UID
             inflight[uid] = (c, m, now)
+            self._inflight_bytes += len(m[3])
             self._up_out.append((uid, m))
             if c.unsent:
                 ready.append(c)
@@ -1025,6 +1056,7 @@ __all__ = [
     "DEFAULT_MAX_BUFFERED",
     "DEFAULT_MAX_CLIENTS",
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_IN_FLIGHT_BYTES",
     "DEFAULT_REQUEST_TIMEOUT_MS",
     "DEFAULT_RETRY_MS",
     "DEFAULT_WRITE_STALL_MS",

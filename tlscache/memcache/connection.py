@@ -2,7 +2,9 @@
 
 It sends encoded requests and reads replies with :class:`~tlscache.memcache.protocol.ReplyParser`,
 spending from the caller's :class:`~tlscache.deadline.Deadline` at every step (connect,
-send, each receive), so no call waits past it. Not thread-safe: the store hands each
+send, each receive), so no call waits past it. The socket stays non-blocking and is waited
+on with ``poll`` (:class:`~tlscache.pollio.PolledSocket`: three system calls a round trip,
+not six). Not thread-safe: the store hands each
 connection to one thread at a time. Any failure leaves the connection unusable (it may be
 out of step with the server) and the caller closes it.
 """
@@ -14,6 +16,7 @@ from typing import Final
 
 from tlscache.deadline import Deadline
 from tlscache.exceptions import ProtocolError, StoreError, StoreTimeout
+from tlscache.pollio import PolledSocket
 
 from .protocol import Reply, ReplyParser, ServerAddress
 
@@ -55,10 +58,11 @@ def connect(address: ServerAddress, deadline: Deadline, connect_timeout_s: float
 class MemcacheConnection:
     """A socket and its reply parser."""
 
-    __slots__ = ("parser", "sock", "used")
+    __slots__ = ("parser", "polled", "sock", "used")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.polled = PolledSocket(sock)
         self.parser = ReplyParser()
         self.used = False  #: True once a request got its replies (a reused connection)
 
@@ -77,14 +81,11 @@ class MemcacheConnection:
         """
         got: list[Reply] = []
         received = False
+        polled = self.polled
         try:
-            self.sock.settimeout(deadline.socket_timeout())
-            self.sock.sendall(payload)
+            polled.sendall(payload, deadline)
             while len(got) < replies:
-                if deadline.expired:
-                    raise StoreTimeout("memcached reply not complete by the deadline")
-                self.sock.settimeout(deadline.socket_timeout())
-                data = self.sock.recv(_RECV_SIZE)
+                data = polled.recv(_RECV_SIZE, deadline)
                 if not data:
                     if not received:
                         raise ReplyLost("memcached closed the connection")

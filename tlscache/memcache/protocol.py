@@ -203,11 +203,31 @@ class ReplyParser:
 
     def feed(self, data: bytes) -> list[Reply]:
         """The replies completed by ``data`` (possibly none)."""
+        if not self._buf and self._pending is None and data[:3] == b"VA ":
+            one = self._one_value(data)
+            if one is not None:
+                return [one]
         self._buf += data
         replies: list[Reply] = []
         while (reply := self._next()) is not None:
             replies.append(reply)
         return replies
+
+    def _one_value(self, data: bytes) -> Reply | None:
+        """The reply ``data`` holds if it is exactly one ``VA <size>`` reply without flags
+        (the answer to a plain ``mg <key> v``), else None and nothing consumed: the
+        commonest read of all, a session lookup's hit, without the buffer's copies."""
+        end = data.find(_CRLF, 3, MAX_LINE_LEN + 2)
+        if end < 0:
+            return None
+        token = data[3:end]
+        if not token.isdigit() or len(token) > 20:
+            return None  # flags follow the size, or a malformed size: the full parser decides
+        size = int(token)
+        start = end + 2
+        if size > self._max_value or len(data) != start + size + 2 or data[-2:] != _CRLF:
+            return None
+        return Reply(ReplyKind.VALUE, data[start : start + size])
 
     def _next(self) -> Reply | None:
         if self._pending is not None:

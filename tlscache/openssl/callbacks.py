@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from OpenSSL import SSL
 
@@ -77,6 +77,10 @@ _SESSION_CONTEXT_ATTR = "_tlscache_session_context"
 DEFAULT_SESSION_ID_CONTEXT = b"tlscache/session-id-context/v2"
 
 
+#: ``SSL_version()`` of a TLS 1.3 connection.
+_TLS1_3_VERSION: Final = 0x0304
+
+
 class SessionCallbacks(Protocol):
     """What the cache layer provides; called on the handshaking thread, under the GIL.
 
@@ -86,7 +90,8 @@ class SessionCallbacks(Protocol):
 
     def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None: ...
 
-    def on_get(self, context: bytes, session_id: bytes) -> bytes | None: ...
+    def on_get(self, context: bytes, session_id: bytes, tls13: bool | None = None) -> bytes | None:
+        """``tls13``: whether the handshake asking is TLS 1.3 (None: not known)."""
 
     def on_remove(self, context: bytes, session_id: bytes) -> None: ...
 
@@ -292,6 +297,7 @@ def _make_callbacks(
     session_free = lib.SSL_SESSION_free
     clear_errors = lib.ERR_clear_error
     on_new, on_get, on_remove = handler.on_new, handler.on_get, handler.on_remove
+    ssl_version = lib.SSL_version  # the version is negotiated before any session lookup
 
     def new_cb(ssl: Any, sess: Any) -> int:
         try:
@@ -318,7 +324,7 @@ def _make_callbacks(
     def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
         try:
             sid = buffer(data, length)[:]
-            der = on_get(context, sid)
+            der = on_get(context, sid, ssl_version(ssl) == _TLS1_3_VERSION)
             if der is None:
                 return null
             buf = from_buffer(uchar_a, der)  # no copy; ``der`` outlives the call

@@ -100,6 +100,12 @@ SIGNATURES: Mapping[str, str] = {
     "EVP_MAC_CTX_set_params": "int (*)(void *, const void *)",
     "HMAC_Init_ex": "int (*)(void *, const void *, int, const EVP_MD *, void *)",
     "EVP_sha256": "const EVP_MD *(*)(void)",
+    # Non-blocking resumption (tlscache/openssl/clienthello.py).
+    "SSL_CTX_set_client_hello_cb": "void (*)(SSL_CTX *, int (*)(SSL *, int *, void *), void *)",
+    "SSL_client_hello_get0_session_id": "size_t (*)(SSL *, const unsigned char **)",
+    "SSL_client_hello_get0_ext": "int (*)(SSL *, unsigned int, const unsigned char **, size_t *)",
+    "SSL_want": "int (*)(const SSL *)",
+    "SSL_ctrl": "long (*)(SSL *, int, long, void *)",
 }
 
 #: Without these the callbacks cannot work: resolution fails if one is missing.

@@ -34,13 +34,14 @@ points straight into the key's own ``bytearray``, so erasing the key erases what
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from OpenSSL import SSL
 
@@ -123,16 +124,21 @@ class _Installed:
     callback: Any
 
 
+#: SSL_version() of a TLS 1.3 connection.
+_TLS1_3_VERSION: Final = 0x0304
+
+
 class _Glue:
     """The callback for one source; prepared keys are cached by name."""
 
     _MAX_PREPARED = 64
 
     def __init__(self, source: TicketKeySource, kind: Kind) -> None:
-        from OpenSSL._util import ffi
+        from OpenSSL._util import ffi, lib
 
         res = resolve()
         self.ffi = ffi
+        self.ssl_version = lib.SSL_version
         self.source = source
         self.kind = kind
         self.encrypt_init = res.get("EVP_EncryptInit_ex")
@@ -215,7 +221,7 @@ class _Glue:
                     self.encrypt_init(cipher_ctx, self.cipher, ffi.NULL, prepared.aes, iv) != 1
                 ):
                     source.count_ticket("failed")
-                    return -1
+                    return 0  # no ticket this time; the handshake goes on
                 source.count_ticket("issued")
                 return 1
             name = ffi.buffer(key_name, KEY_NAME_SIZE)[:]
@@ -231,13 +237,14 @@ class _Glue:
                 source.count_ticket("failed")
                 return 0
             source.count_ticket("renewed" if renew else "decrypted")
-            return 2 if renew else 1
+            # TLS 1.3: a fresh ticket after every resumption (OpenSSL sends one then only
+            # when told to renew), so that a client never shows one ticket twice (RFC 8446,
+            # appendix C.4) and keeps up with the current key.
+            return 2 if renew or self.ssl_version(ssl) == _TLS1_3_VERSION else 1
         except Exception as e:  # never into OpenSSL: no ticket, or a full handshake
             _warn_failed(e)
-            try:
+            with contextlib.suppress(Exception):
                 source.count_ticket("failed")
-            except Exception:
-                pass
             return 0
 
 
@@ -260,12 +267,11 @@ def _onerror(exc_type: Any, exc_value: Any, tb: Any) -> None:
 
 def _kind_available() -> Kind:
     res = resolve()
-    if res.functions.get("SSL_CTX_set_tlsext_ticket_key_evp_cb") is not None:
-        if res.functions.get("EVP_MAC_CTX_set_params") is not None:
-            return "evp"
-    if res.functions.get("SSL_CTX_callback_ctrl") is not None:
-        if res.functions.get("HMAC_Init_ex") is not None:
-            return "hmac"
+    have = res.functions
+    if have.get("SSL_CTX_set_tlsext_ticket_key_evp_cb") and have.get("EVP_MAC_CTX_set_params"):
+        return "evp"
+    if have.get("SSL_CTX_callback_ctrl") and have.get("HMAC_Init_ex"):
+        return "hmac"
     raise ConfigurationError("this OpenSSL offers no session ticket key callback")
 
 
