@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,9 +28,28 @@ class ExitedEarly(RuntimeError):
     """The process exited before it accepted connections."""
 
 
+#: Where free ports are picked: below Linux's ephemeral range (32768-60999), which the
+#: kernel hands to outgoing connections. A port picked there (what bind to port 0 gives)
+#: can be taken by any connection made before the process it is meant for binds it.
+_PICK_RANGE = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nobody uses right now, not handed out before by this
+    process, and outside the range outgoing connections take their ports from."""
+    for _ in range(200):
+        port = random.choice(_PICK_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -320,10 +320,9 @@ def test_session_made_on_one_resumes_on_the_other(
         assert 0 < ttl <= TIMEOUT, (state, ttl)
 
 
+@pytest.mark.parametrize("pair", ["memcached-2"], indirect=True)
 def test_two_memcached_servers_both_used_by_both(pair: Pair, certs: Certs, tmp_path: Path) -> None:
     """Sessions spread over both servers as apr-util places them, and each resumes across."""
-    if pair.kind != "memcached-2":
-        pytest.skip("needs two memcached servers")
     used: dict[str, set[str]] = {"apache": set(), "tlscache": set()}
     ports = {"apache": pair.apache.port, "tlscache": pair.tls.port}
     for _ in range(16):  # each server lands on both within a few sessions (16: p < 1e-4)
@@ -338,11 +337,10 @@ def test_two_memcached_servers_both_used_by_both(pair: Pair, certs: Certs, tmp_p
     assert all(len(u) == 2 for u in used.values()), used
 
 
+@pytest.mark.parametrize("pair", ["memcached"], indirect=True)
 def test_other_server_name_is_a_miss(pair: Pair, certs: Certs, tmp_path: Path) -> None:
     """The session id context must match: a tlscache server named differently does not resume
     Apache's sessions (and makes a full handshake, not an error)."""
-    if pair.kind != "memcached":
-        pytest.skip("one cache kind is enough")
     compat = ApacheCompat("www.example.com", PUBLIC_PORT, pair.apache.session_cache, TIMEOUT)
     stranger = CompatServer(certs, compat)
     try:

@@ -5,6 +5,7 @@ Time is an injected clock; handshakes are real (pyOpenSSL over memory BIOs, both
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -160,10 +161,12 @@ def test_store_down_keeps_keys_and_counts(
     held = keys.current
     store.down = True
     clock.now += PERIOD
-    assert keys.refresh() == TicketKeyPolicy().retry_s
+    # Retries come soon at first (a store still starting), then every retry_s.
+    waits = [keys.refresh() for _ in range(7)]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0], waits
     keys.refresh()
     stats = keys.stats()
-    assert keys.current is held and stats.store_failures == 2 and stats.local_keys == 0, stats
+    assert keys.current is held and stats.store_failures == 8 and stats.local_keys == 0, stats
     assert sum("store unavailable" in r.getMessage() for r in caplog.records) == 1  # rate-limited
     # Beyond the window, a local key instead of stretching the old one's life.
     clock.now += 3 * PERIOD
@@ -269,3 +272,22 @@ def test_hmac_callback_also_works(
     _, sess = handshake_over_memory(ctx, client)
     reused, _ = handshake_over_memory(ctx, client, sess)
     assert reused, keys.stats()
+
+
+def test_start_waits_briefly_for_a_store_still_coming_up(
+    store: Switchable, ring: KeyRing, clock: Clock
+) -> None:
+    """A server started beside a store that answers only a moment later shares its key."""
+    first = make_keys(store, ring, clock)
+    first.refresh()
+    store.down = True
+    policy = TicketKeyPolicy(startup_wait_s=30.0)
+    late = TicketKeys(store, Sealer(ring, clock=clock), policy=policy, clock=clock)
+    threading.Timer(0.3, lambda: setattr(store, "down", False)).start()
+    try:
+        late.start()
+        stats = late.stats()
+        assert late.current is not None and first.current is not None, stats
+        assert late.current.name == first.current.name and stats.local_keys == 0, stats
+    finally:
+        late.close()

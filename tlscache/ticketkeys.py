@@ -23,9 +23,10 @@ Time is cut into periods (``period_s``, default an hour); period ``P`` starts at
   with zeros and they are deleted from the store (which also expires them on its own).
 * **Store down.** A server that cannot reach the store keeps its keys, keeps issuing under
   the newest one, counts and logs the failure (at most once per ``log_interval_s``) and
-  retries every ``retry_s``. It never fails a handshake: with no key at all it makes a
-  local one (logged), and once the newest key it has falls out of the window it makes a
-  local key for the current period rather than stretch an old key's life. Local keys are
+  retries, soon at first and then every ``retry_s``. It never fails a handshake: with no
+  key at all it makes a local one (logged), and once the newest key it has falls out of the
+  window it makes a local key for the current period rather than stretch an old key's life.
+  At start it waits up to ``startup_wait_s`` for a store still coming up. Local keys are
   offered to the store once it answers; if another server's key won, the local one only
   decrypts (and renews) until it retires.
 
@@ -60,6 +61,8 @@ log = logging.getLogger("tlscache.ticketkeys")
 _SECRET_SIZE = 32
 _MATERIAL_SIZE = KEY_NAME_SIZE + 2 * _SECRET_SIZE
 _CONTEXT_LABEL = b"tlscache ticket-key v1\x00"
+#: The first wait after a failed refresh; it doubles up to ``TicketKeyPolicy.retry_s``.
+_FIRST_RETRY_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,8 @@ class TicketKeyPolicy:
     previous: int = 2  #: earlier periods whose keys still decrypt (and renew)
     fetch_ahead: float = 0.8  #: fraction of a period after which the next key is fetched
     store_timeout_s: float = 1.0  #: deadline of each store call
-    retry_s: float = 10.0  #: wait after a failed refresh
+    retry_s: float = 10.0  #: longest wait after failed refreshes (the first ones are sooner)
+    startup_wait_s: float = 2.0  #: at start, how long a store still coming up is waited for
     log_interval_s: float = 60.0  #: at most one store-failure log record per interval
     group: bytes = b"default"  #: servers sharing keys use the same group
 
@@ -83,6 +87,8 @@ class TicketKeyPolicy:
             raise ConfigurationError("fetch_ahead must be between 0 and 1")
         if self.store_timeout_s <= 0 or self.retry_s <= 0:
             raise ConfigurationError("store_timeout_s and retry_s must be positive")
+        if self.startup_wait_s < 0:
+            raise ConfigurationError("startup_wait_s must not be negative")
         if not 0 < len(self.group) <= 64:
             raise ConfigurationError("group must be 1..64 bytes")
 
@@ -189,6 +195,7 @@ class TicketKeys:
             0,
         )
         self._next_log = 0.0
+        self._failed_refreshes = 0  # in a row: the retry waits grow from 0.5 s to retry_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -259,7 +266,10 @@ class TicketKeys:
         current = self._choose(period, keys)
         self._publish(current, keys)
         if failed:
-            return policy.retry_s
+            # Soon at first (a store that was still starting), then every retry_s.
+            self._failed_refreshes += 1
+            return min(policy.retry_s, _FIRST_RETRY_S * 2.0 ** (self._failed_refreshes - 1))
+        self._failed_refreshes = 0
         due = (period + 1) * policy.period_s
         if now < ahead_at:
             due = ahead_at
@@ -355,12 +365,29 @@ class TicketKeys:
     def start(self) -> Self:
         """Refresh now, then in a daemon thread whenever due (idempotent)."""
         if self._thread is None:
+            self._await_store(self.policy.startup_wait_s)
             self.refresh()
             self._thread = threading.Thread(
                 target=self._run, name="tlscache-ticket-keys", daemon=True
             )
             self._thread.start()
         return self
+
+    def _await_store(self, budget_s: float) -> None:
+        """Give a store that is still coming up (a local dc_client not yet connected to its
+        server) a moment before the first refresh, which would otherwise make a local key:
+        servers started together then share one key from the start."""
+        end = time.monotonic() + budget_s
+        pause = 0.05
+        while True:
+            try:
+                self.store.fetch(self.store_id(self.period_at(self._clock())), self._deadline())
+                return
+            except StoreError:
+                if time.monotonic() + pause > end:
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 0.5)
 
     def _run(self) -> None:
         wait = 0.0
