@@ -248,7 +248,9 @@ def test_dc_client_that_cannot_take(
     with (
         running(tool("dc_server", "-listen", server), ready=server),
         running(proxy_argv, ready=proxy),
-        DistcacheStore(proxy) as store,
+        # Writes confirmed: B's lookup must not overtake A's write inside dc_client, which
+        # forwards its clients' requests one at a time, round-robin, with --pipeline off.
+        DistcacheStore(proxy, confirm_writes=True) as store,
         caplog.at_level(logging.WARNING, logger="tlscache.session_cache"),
     ):
         cache_a, cache_b = _cache(store, keys), _cache(store, keys)

@@ -194,6 +194,11 @@ def test_python_ssl_session_reuse_by_hand(shared: FarmProc) -> None:
         session = None
         seen = []
         for _ in range(4):
+            if session is not None:
+                # The new tickets were handed to the local dc_client before the answer came,
+                # but they still cross dc_client and dc_server; a client that comes back the
+                # same instant can beat them there (docs/operations.md): as --report does.
+                time.sleep(0.05)
             raw = socket.create_connection((HOST, shared.port), timeout=10)
             with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
                 tls.sendall(b"GET /info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -205,8 +210,14 @@ def test_python_ssl_session_reuse_by_hand(shared: FarmProc) -> None:
                 session = tls.session
         return seen
 
-    # The answer comes after the session's tickets are stored (sync writes): no sleep needed.
-    seen = measure(shared, four, lambda seen: [r for _, r, _ in seen] == [False, True, True, True])
+    def all_resumed(seen: list[tuple[str, bool, bool]]) -> bool:
+        return [r for _, r, _ in seen] == [False, True, True, True]
+
+    seen = four()
+    for _ in range(2):  # a loaded machine can stretch even that pause: look again, bounded
+        if all_resumed(seen):
+            break
+        seen = four()
     assert [r for _, r, _ in seen] == [False, True, True, True], (seen, _cache_stats(shared))
     assert all(client == server for _, client, server in seen), seen
     assert len({b for b, _, _ in seen}) == 3
