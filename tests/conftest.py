@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package: real dc_server processes on loopback."""
+"""Fixtures shared by every test package: real dc_server processes on loopback, certificates."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.procs import free_port, running, tool
+from tests.tlsutil import Certs, write_certs
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A server certificate for ``localhost``/``127.0.0.1``, its CA and a shared key ring."""
+    return write_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

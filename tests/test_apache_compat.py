@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 import pytest
 from OpenSSL import SSL
 
+from tests import tlsutil
 from tests.procs import free_port, running
+from tests.tlsutil import Certs
 from tlscache.apache import (
     APACHE_KEY_PREFIX,
     ApacheCompat,
@@ -95,28 +97,6 @@ def test_compat_refuses_caches_it_cannot_share(cache: str) -> None:
 
 
 # ---------------------------------------------------------------- processes
-
-
-@dataclass(frozen=True)
-class Certs:
-    chain: Path
-    key: Path
-    ca: Path
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    import trustme
-
-    d = tmp_path_factory.mktemp("certs")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    c = Certs(d / "chain.pem", d / "key.pem", d / "ca.pem")
-    cert.private_key_pem.write_to_path(str(c.key))
-    for i, blob in enumerate(cert.cert_chain_pems):
-        blob.write_to_path(str(c.chain), append=i > 0)
-    ca.cert_pem.write_to_path(str(c.ca))
-    return c
 
 
 @contextlib.contextmanager
@@ -231,11 +211,7 @@ def pair(request: pytest.FixtureRequest, certs: Certs) -> Iterator[Pair]:
 
 
 def s_client(certs: Certs, port: int, version: str, *args: str) -> str:
-    assert OPENSSL is not None
-    argv = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost"]
-    argv += ["-CAfile", str(certs.ca), f"-tls{version.replace('.', '_')}", "-ign_eof", *args]
-    done = subprocess.run(argv, input=REQUEST, capture_output=True, timeout=30, check=False)
-    return done.stdout.decode(errors="replace")
+    return tlsutil.s_client(certs, port, version, *args, request=REQUEST)
 
 
 def outcome(out: str) -> str:

@@ -7,7 +7,6 @@ Real handshakes over memory BIOs, with the initial Context dropped and collected
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import weakref
@@ -17,7 +16,7 @@ import pytest
 import trustme
 from OpenSSL import SSL
 
-from tests.tlsutil import client_context, handshake_over_memory
+from tests.tlsutil import client_context, handshake_over_memory, pump
 from tlscache import MemoryStore, SessionCache
 from tlscache.openssl.resolver import resolve
 
@@ -37,26 +36,6 @@ def server() -> Callable[[], SSL.Context]:
         return ctx
 
     return make
-
-
-def pump(s: SSL.Connection, c: SSL.Connection, until_server_flight: bool) -> bool:
-    """Move records both ways; with ``until_server_flight`` stop after the server's first
-    answer (the ClientHello, and so the SNI switch, is then done). True once both are done."""
-    done = [False, False]
-    for round_ in range(20):
-        for i, conn in enumerate((c, s)):
-            if not done[i]:
-                try:
-                    conn.do_handshake()
-                    done[i] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((c, s), (s, c)):
-            with contextlib.suppress(SSL.WantReadError):
-                dst.bio_write(src.bio_read(65536))
-        if (until_server_flight and round_ == 1) or all(done):
-            break
-    return all(done)
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -82,10 +61,10 @@ def test_sessions_are_stored_after_the_initial_context_is_dropped(
     c.set_tlsext_host_name(b"other.example")
     ref = weakref.ref(initial)
     del initial
-    assert not pump(s, c, until_server_flight=True)
+    assert not pump(s, c, rounds=2)  # the server's first flight: the switch is done
     assert switched and s.get_context() is switched_to
     gc.collect()  # nothing but the connection refers to the initial Context now
-    assert pump(s, c, until_server_flight=False)
+    assert pump(s, c)
     s.send(b"x")  # carries the TLS 1.3 tickets
     c.bio_write(s.bio_read(65536))
     assert c.recv(1) == b"x"

@@ -23,18 +23,18 @@ import sys
 import sysconfig
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.procs import free_port, running, tool
+from tests.tlsutil import Certs, s_client
 from tlscache import MemoryStore, SessionCache
 from tlscache.distcache.client import Client
 from tlscache.exceptions import ResolverError
 from tlscache.openssl import stdlib
-from tlscache_farm.tlsclient import key_ring, server_argv
+from tlscache_farm.tlsclient import server_argv
 
 pytestmark = pytest.mark.integration
 
@@ -42,29 +42,6 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 needs_openssl_cli = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI")
-
-
-@dataclass(frozen=True)
-class Certs:
-    chain: Path
-    key: Path
-    ca: Path
-    keys: Path  # the key ring every server of the run shares
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    import trustme
-
-    d = tmp_path_factory.mktemp("certs")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    c = Certs(d / "chain.pem", d / "key.pem", d / "ca.pem", key_ring(d / "keys"))
-    cert.private_key_pem.write_to_path(str(c.key))
-    for i, blob in enumerate(cert.cert_chain_pems):
-        blob.write_to_path(str(c.chain), append=i > 0)
-    ca.cert_pem.write_to_path(str(c.ca))
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +132,6 @@ def wait_stored(dc: str, fields: dict[str, str], timeout: float = 5.0) -> None:
                 time.sleep(0.005)
 
 
-def s_client(certs: Certs, port: int, version: str, *args: str) -> str:
-    argv = [
-        *("openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost"),
-        *("-CAfile", str(certs.ca), f"-tls{version.replace('.', '_')}", "-ign_eof", *args),
-    ]
-    out = subprocess.run(argv, input=REQUEST, capture_output=True, timeout=20, check=False)
-    return out.stdout.decode(errors="replace")
-
-
 # ---------------------------------------------------------------- (a) resumption
 
 
@@ -192,11 +160,11 @@ def test_openssl_s_client_resumes_across_stdlib_servers(
 ) -> None:
     sess = tmp_path / "session.pem"
     with stdlib_server(certs, f"dc:{dc}") as a, stdlib_server(certs, f"dc:{dc}") as b:
-        out = s_client(certs, a, version, "-sess_out", str(sess))
+        out = s_client(certs, a, version, "-sess_out", str(sess), request=REQUEST)
         assert f"New, TLSv{version}" in out, out
         fields = parse_line(out)
         wait_stored(dc, fields)
-        out = s_client(certs, b, version, "-sess_in", str(sess))
+        out = s_client(certs, b, version, "-sess_in", str(sess), request=REQUEST)
         assert f"Reused, TLSv{version}" in out, out
         assert parse_line(out)["reused"] == "1", out
 

@@ -49,7 +49,7 @@ class ServerHealth(NamedTuple):
     """One server of a store, as a status page shows it."""
 
     address: str  #: as configured, e.g. ``127.0.0.1:11211``
-    up: bool  #: False while the store is skipping it after failures
+    up: bool  #: False from a failure until a call to it succeeds (see ``stores/health.py``)
     failures: int  #: consecutive failures (0 when healthy)
     retry_in_s: float | None  #: seconds until it is tried again while down, else None
 

@@ -10,10 +10,11 @@ Each session id lives on one server, chosen by a placement:
   in configuration order, as Apache's mod_socache_memcache places keys.
 
 Dead servers. A server that fails a call (connect refused, timeout, reset, a reply that is
-not memcached's) is marked down for ``retry_s``: while down, its sessions are misses and
-writes to it are skipped without touching the network. After ``retry_s`` the next call to it
-is the probe (one at a time; the others still skip it); success puts it back. So a dead
-server costs one bounded wait per retry period, not one per handshake. With ``rendezvous``
+not memcached's) is marked down for ``retry_s`` (:class:`~tlscache.stores.health.DownPeriod`,
+shared with the Redis stores): while down, its sessions are misses and writes to it are
+skipped without touching the network. After ``retry_s`` the next call to it is the probe
+(one at a time; the others still skip it); success puts it back. So a dead server costs one
+bounded wait per retry period, not one per handshake. With ``rendezvous``
 and ``ketama`` a dead server's keys do not move to another server: moving them would send
 each host's lookups to a different place while the hosts' views of the dead server differ,
 and a recovered server would then hold stale copies beside the moved ones; a miss costs a
@@ -37,6 +38,8 @@ from tlscache.memcache.connection import MemcacheConnection, ReplyLost
 from tlscache.memcache.protocol import Reply, ReplyKind, ServerAddress
 
 from .base import MAX_ID_LEN, MAX_VALUE_LEN, ServerHealth, SessionStore, WriteStatus
+from .health import Admission, DownPeriod
+from .options import RemoteOptions, WithRemoteOptions
 
 __all__ = ["APACHE_KEY_PREFIX", "MemcachedStore", "Placement", "ServerStats", "apache_index"]
 
@@ -72,43 +75,29 @@ def apache_index(key: bytes, servers: int) -> int:
 
 
 class _Server:
-    """One server: its idle connections and its health."""
+    """One server: its idle connections (under ``lock``), its counts and its health."""
 
-    __slots__ = (
-        "address",
-        "calls",
-        "down_until",
-        "errors",
-        "failures",
-        "idle",
-        "lock",
-        "probing",
-        "skipped",
-    )
+    __slots__ = ("address", "calls", "errors", "health", "idle", "lock", "skipped")
 
-    def __init__(self, address: ServerAddress) -> None:
+    def __init__(self, address: ServerAddress, health: DownPeriod) -> None:
         self.address = address
         self.lock = threading.Lock()
         self.idle: list[MemcacheConnection] = []
-        self.failures = 0
-        self.down_until: float | None = None
-        self.probing = False
+        self.health = health
         self.calls = self.skipped = self.errors = 0
 
-    def available(self, now: float) -> bool:
-        """Up, or down with its retry due and no probe under way."""
-        return self.down_until is None or (now >= self.down_until and not self.probing)
 
-
-class MemcachedStore(SessionStore):
+class MemcachedStore(WithRemoteOptions, SessionStore):
     """Sessions on memcached servers; ``supports_take`` through compare-and-delete.
 
     ``servers`` are ``host:port``, ``[v6addr]:port`` or unix socket paths. A session id is
     stored under ``key_prefix`` + its lowercase hex; with ``key_prefix="mod_ssl-sess:"``
     and ``placement="apache"`` the keys, values (raw bytes, flags 0), TTLs and placement
-    are Apache mod_ssl's. ``connect_timeout_s`` bounds a connect within the call's deadline;
-    ``pool_size`` idle connections are kept per server. ``clock`` (monotonic) times the
-    retry periods; ``wall_clock`` turns TTLs over 30 days into memcached's absolute times.
+    are Apache mod_ssl's. ``options`` (:class:`~tlscache.stores.options.RemoteOptions`)
+    holds the key prefix, the connect timeout (within the call's deadline), the down period
+    ``retry_s`` and ``pool_size``, the idle connections kept per server; the keywords of the
+    same names replace its fields. ``clock`` (monotonic) times the down periods;
+    ``wall_clock`` turns TTLs over 30 days into memcached's absolute times.
     """
 
     supports_take = True
@@ -118,13 +107,20 @@ class MemcachedStore(SessionStore):
         servers: Sequence[str],
         *,
         placement: Placement = "rendezvous",
-        key_prefix: str = "tlscache:",
-        connect_timeout_s: float = 0.05,
-        retry_s: float = 5.0,
-        pool_size: int = 8,
+        options: RemoteOptions | None = None,
+        key_prefix: str | None = None,
+        connect_timeout_s: float | None = None,
+        retry_s: float | None = None,
+        pool_size: int | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        opts = (options or RemoteOptions()).merged(
+            key_prefix=key_prefix,
+            connect_timeout_s=connect_timeout_s,
+            retry_s=retry_s,
+            pool_size=pool_size,
+        )
         if isinstance(servers, str) or not servers:
             raise ConfigurationError("servers must be a non-empty list of addresses")
         try:
@@ -133,22 +129,17 @@ class MemcachedStore(SessionStore):
             raise ConfigurationError(str(exc)) from exc
         if len({a.text for a in addresses}) != len(addresses):
             raise ConfigurationError("a server is listed twice")
-        prefix = key_prefix.encode("ascii", "replace")
+        prefix = opts.key_prefix.encode("ascii", "replace")
         try:
             protocol.check_key(prefix + b"00" * MAX_ID_LEN)
         except ValueError as exc:
             raise ConfigurationError(f"key_prefix: {exc}") from exc
-        if connect_timeout_s <= 0 or retry_s < 0 or pool_size < 0:
-            raise ConfigurationError("timeouts must be positive, retry_s and pool_size >= 0")
         self.placement: Placement = placement
-        self.key_prefix = key_prefix
-        self.connect_timeout_s = connect_timeout_s
-        self.retry_s = retry_s
-        self.pool_size = pool_size
+        self.options = opts
         self._prefix = prefix
         self._clock = clock
         self._wall_clock = wall_clock
-        self._servers = [_Server(a) for a in addresses]
+        self._servers = [_Server(a, DownPeriod(opts.retry_s, clock)) for a in addresses]
         self._by_text = {s.address.text: s for s in self._servers}
         self._ring = _ring(placement, [a.text for a in addresses])
         self._closed = False
@@ -263,15 +254,7 @@ class MemcachedStore(SessionStore):
             return None
 
     def servers(self) -> Sequence[ServerHealth]:
-        now = self._clock()
-        health = []
-        for s in self._servers:
-            with s.lock:
-                down_until = s.down_until
-                failures = s.failures
-            retry = None if down_until is None else max(0.0, down_until - now)
-            health.append(ServerHealth(s.address.text, down_until is None, failures, retry))
-        return health
+        return [s.health.snapshot(s.address.text) for s in self._servers]
 
     def server_for(self, session_id: bytes) -> str | None:
         server = self._place(self._key(session_id))
@@ -304,10 +287,10 @@ class MemcachedStore(SessionStore):
         """The server for ``key`` now (None: every candidate is down)."""
         if self._ring is not None:
             return self._by_text[self._ring(key.decode())]
-        start, n, now = apache_index(key, len(self._servers)), len(self._servers), self._clock()
+        start, n = apache_index(key, len(self._servers)), len(self._servers)
         for i in range(n):
             server = self._servers[(start + i) % n]
-            if server.available(now):
+            if server.health.available():
                 return server
         return None
 
@@ -321,7 +304,7 @@ class MemcachedStore(SessionStore):
         server = self._place(key)
         if server is None:
             raise _Skip
-        conn = self._acquire(server, deadline)
+        conn, probe = self._acquire(server, deadline)
         try:
             try:
                 result = op(conn, deadline)
@@ -342,43 +325,44 @@ class MemcachedStore(SessionStore):
             raise
         except BaseException:
             conn.close()
-            with server.lock:
-                server.probing = False
+            if probe:
+                server.health.abandoned()
             raise
         self._settle(server, ok=True)
         self._checkin(server, conn)
         return result
 
-    def _acquire(self, server: _Server, deadline: Deadline) -> MemcacheConnection:
+    def _acquire(self, server: _Server, deadline: Deadline) -> tuple[MemcacheConnection, bool]:
+        """A connection to ``server`` and whether this call is its probe; _Skip while down."""
+        admission = server.health.admit()
         with server.lock:
-            if server.down_until is not None:
-                if not server.available(self._clock()):
-                    server.skipped += 1
-                    raise _Skip
-                server.probing = True
+            if admission is Admission.SKIP:
+                server.skipped += 1
+                raise _Skip
             server.calls += 1
             conn = server.idle.pop() if server.idle else None
+        probe = admission is Admission.PROBE
         if conn is not None:
-            return conn
+            return conn, probe
         try:
-            return MemcacheConnection.open(server.address, deadline, self.connect_timeout_s)
+            return MemcacheConnection.open(server.address, deadline, self.connect_timeout_s), probe
         except StoreError:
             self._settle(server, ok=False)
+            raise
+        except BaseException:
+            if probe:
+                server.health.abandoned()
             raise
 
     def _settle(self, server: _Server, *, ok: bool) -> None:
         """Record a call's outcome: a failure marks the server down for ``retry_s``."""
-        stale: list[MemcacheConnection] = []
+        if ok:
+            server.health.succeeded()
+            return
+        server.health.failed()
         with server.lock:
-            server.probing = False
-            if ok:
-                server.failures = 0
-                server.down_until = None
-            else:
-                server.failures += 1
-                server.errors += 1
-                server.down_until = self._clock() + self.retry_s
-                stale, server.idle = server.idle, []
+            server.errors += 1
+            stale, server.idle = server.idle, []
         for conn in stale:
             conn.close()
 
@@ -393,7 +377,7 @@ class MemcachedStore(SessionStore):
         """Forget the parent's sockets (its connections stay its own) and locks."""
         for s in self._servers:
             s.lock = threading.Lock()
-            s.probing = False
+            s.health.after_fork()
             idle, s.idle = s.idle, []
             for conn in idle:
                 conn.close()

@@ -13,8 +13,9 @@ own ones cannot keep a handshake's time budget:
   timeouts per handshake. Here the map is one ``CLUSTER SLOTS`` reply, reloaded at most
   once per down period, and a dead master costs one bounded timeout per period.
 
-Each server has a *down period*: after a failure (refused, reset, timed out) no call
-touches it for ``retry_s`` seconds. The one call that met the failure raises; during the
+Each server has a *down period* (:class:`~tlscache.stores.health.DownPeriod`, shared with
+the memcached store): after a failure (refused, reset, timed out) no call touches it for
+``retry_s`` seconds. The one call that met the failure raises; during the
 period the server's sessions are misses and writes to it are skipped (``WriteStatus.SENT``:
 no verdict), as in the memcached store, so that one dead master of a cluster costs only its
 own share and does not trip the ``SessionCache``'s breaker for the others. Then one call
@@ -42,6 +43,8 @@ from tlscache.exceptions import ConfigurationError, StoreError, StoreTimeout, de
 from tlscache.forksafe import repair_after_fork
 
 from .base import MAX_ID_LEN, ServerHealth, SessionStore, WriteStatus
+from .health import Admission, DownPeriod
+from .options import RemoteOptions, WithRemoteOptions
 
 __all__ = ["APACHE_KEY_PREFIX", "RedisClusterStore", "RedisStore"]
 
@@ -92,69 +95,15 @@ class _Skip(StoreError):
     """The server is in its down period: answer without the network (miss, skipped write)."""
 
 
-class _Health:
-    """One server's failures and down period (see the module docstring)."""
-
-    def __init__(self, address: str, retry_s: float, clock: Clock) -> None:
-        self.address = address
-        self.retry_s = retry_s
-        self.clock = clock
-        self.failures = 0
-        self.down_until: float | None = None
-        self.lock = threading.Lock()
-
-    def admit(self) -> None:
-        """Return if a call may touch the server now; raise at once if it is down."""
-        if self.down_until is None:
-            return
-        with self.lock:
-            until: float | None = self.down_until  # another call may have cleared it
-            if until is None:
-                return
-            now = self.clock()
-            if now < until:
-                raise _Skip(
-                    f"redis {self.address} is down (retry in {until - now:.1f} s, "
-                    f"{self.failures} failure(s))"
-                )
-            self.down_until = now + self.retry_s  # this call probes; the others wait it out
-
-    def succeeded(self) -> None:
-        if self.down_until is not None or self.failures:
-            with self.lock:
-                self.failures = 0
-                self.down_until = None
-
-    def failed(self) -> None:
-        with self.lock:
-            self.failures += 1
-            self.down_until = self.clock() + self.retry_s
-
-    def snapshot(self) -> ServerHealth:
-        until = self.down_until
-        if until is None:
-            return ServerHealth(self.address, True, self.failures, None)
-        left = until - self.clock()
-        return ServerHealth(self.address, left <= 0, self.failures, max(0.0, left))
-
-
 class _Server:
     """One Redis server: a pool of at most ``pool_size`` connections and its health."""
 
-    def __init__(
-        self,
-        kwargs: dict[str, Any],
-        *,
-        connect_timeout_s: float,
-        pool_size: int,
-        retry_s: float,
-        clock: Clock,
-    ) -> None:
+    def __init__(self, kwargs: dict[str, Any], options: RemoteOptions, clock: Clock) -> None:
         self.kwargs = kwargs
         self.address = _address_of(kwargs)
-        self.connect_timeout_s = connect_timeout_s
-        self.pool_size = pool_size
-        self.health = _Health(self.address, retry_s, clock)
+        self.connect_timeout_s = options.connect_timeout_s
+        self.pool_size = options.pool_size
+        self.health = DownPeriod(options.retry_s, clock)
         self.attempts = 0  # calls that reached for the network
         self.version: tuple[int, ...] | None = None
         self.closed = False
@@ -170,7 +119,7 @@ class _Server:
     def _after_fork_in_child(self) -> None:
         # The parent's sockets stay the parent's: forget them (never shut them down).
         self._new_pool()
-        self.health.lock = threading.Lock()
+        self.health.after_fork()
 
     def _acquire(self, deadline: Deadline) -> _Conn:
         try:
@@ -198,8 +147,13 @@ class _Server:
             raise StoreError("store is closed")
         if deadline.expired:
             raise StoreTimeout(f"redis {op}: deadline passed before the call")
-        self.health.admit()
-        conn = self._acquire(deadline)
+        probe = self._admit()
+        try:
+            conn = self._acquire(deadline)
+        except BaseException:
+            if probe:
+                self.health.abandoned()  # it never reached the server: no verdict
+            raise
         try:
             self.attempts += 1
             timeout = deadline.socket_timeout()
@@ -231,10 +185,25 @@ class _Server:
             raise StoreError(
                 f"redis {op} on {self.address} failed: {describe_error(exc)}"
             ) from None
+        except BaseException:
+            if probe:
+                self.health.abandoned()
+            raise
         finally:
             self._release(conn)
         self.health.succeeded()
         return reply
+
+    def _admit(self) -> bool:
+        """Whether this call is the server's probe; raise _Skip at once while it is down."""
+        admission = self.health.admit()
+        if admission is Admission.SKIP:
+            h = self.health.snapshot(self.address)
+            raise _Skip(
+                f"redis {self.address} is down (retry in {h.retry_in_s or 0.0:.1f} s, "
+                f"{h.failures} failure(s))"
+            )
+        return admission is Admission.PROBE
 
     def check_getdel(self, deadline: Deadline) -> None:
         """Once per server: refuse clearly if it is older than Redis 6.2 (no GETDEL)."""
@@ -292,39 +261,22 @@ def _valid_id(session_id: bytes) -> bool:
     return 0 < len(session_id) <= MAX_ID_LEN
 
 
-class _RedisBase(SessionStore):
+class _RedisBase(WithRemoteOptions, SessionStore):
     """store/fetch/delete/take as SET PX, GET, DEL, GETDEL on the server that owns the key."""
 
     supports_take = True
 
-    def __init__(
-        self,
-        *,
-        key_prefix: str,
-        connect_timeout_s: float,
-        pool_size: int,
-        retry_s: float,
-        clock: Clock,
-    ) -> None:
-        if pool_size < 1:
+    def __init__(self, options: RemoteOptions, clock: Clock) -> None:
+        if options.pool_size < 1:
             raise ConfigurationError("pool_size must be at least 1")
-        if connect_timeout_s <= 0 or retry_s <= 0:
-            raise ConfigurationError("connect_timeout_s and retry_s must be positive")
-        self.key_prefix = key_prefix
-        self._prefix = key_prefix.encode()
-        self.connect_timeout_s = connect_timeout_s
-        self.pool_size = pool_size
-        self.retry_s = retry_s
+        if options.retry_s <= 0:
+            raise ConfigurationError("retry_s must be positive")
+        self.options = options
+        self._prefix = options.key_prefix.encode()
         self._clock = clock
 
     def _server(self, kwargs: dict[str, Any]) -> _Server:
-        return _Server(
-            kwargs,
-            connect_timeout_s=self.connect_timeout_s,
-            pool_size=self.pool_size,
-            retry_s=self.retry_s,
-            clock=self._clock,
-        )
+        return _Server(kwargs, self.options, self._clock)
 
     def key(self, session_id: bytes) -> bytes:
         """The Redis key of ``session_id``: the prefix and the id in lowercase hex."""
@@ -424,29 +376,33 @@ class RedisStore(_RedisBase):
     Writes are ``SET key value PX ms``; :meth:`take` is ``GETDEL`` (Redis 6.2 or later,
     checked at the first take).
 
-    Each call spends from its deadline: waiting for one of ``pool_size`` connections,
-    connecting (at most ``connect_timeout_s``), sending and reading. After a failure the
-    server is left alone for ``retry_s`` seconds (calls fail at once), then probed by one
-    call. ``clock`` is injectable so that tests move time.
+    ``options`` (:class:`~tlscache.stores.options.RemoteOptions`; the keywords of the same
+    names replace its fields) sets the key prefix, ``pool_size``, ``connect_timeout_s`` and
+    ``retry_s``. Each call spends from its deadline: waiting for one of ``pool_size``
+    connections, connecting (at most ``connect_timeout_s``), sending and reading. After a
+    failure the server is left alone for ``retry_s`` seconds (its sessions are misses,
+    writes are skipped), then probed by one call. ``clock`` is injectable so that tests
+    move time.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        key_prefix: str = "tlscache:",
-        connect_timeout_s: float = 0.05,
-        pool_size: int = 8,
-        retry_s: float = 5.0,
+        options: RemoteOptions | None = None,
+        key_prefix: str | None = None,
+        connect_timeout_s: float | None = None,
+        pool_size: int | None = None,
+        retry_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(
+        opts = (options or RemoteOptions()).merged(
             key_prefix=key_prefix,
             connect_timeout_s=connect_timeout_s,
             pool_size=pool_size,
             retry_s=retry_s,
-            clock=clock,
         )
+        super().__init__(opts, clock)
         self.url = url
         self._one = self._server(_connection_kwargs(url))
 
@@ -467,7 +423,7 @@ class RedisStore(_RedisBase):
         return (self._one,)
 
     def servers(self) -> Sequence[ServerHealth]:
-        return (self._one.health.snapshot(),)
+        return (self._one.health.snapshot(self._one.address),)
 
     def server_for(self, session_id: bytes) -> str:
         return self._one.address
@@ -491,19 +447,20 @@ class RedisClusterStore(_RedisBase):
         self,
         nodes: Sequence[str],
         *,
-        key_prefix: str = "tlscache:",
-        connect_timeout_s: float = 0.05,
-        pool_size: int = 8,
-        retry_s: float = 5.0,
+        options: RemoteOptions | None = None,
+        key_prefix: str | None = None,
+        connect_timeout_s: float | None = None,
+        pool_size: int | None = None,
+        retry_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(
+        opts = (options or RemoteOptions()).merged(
             key_prefix=key_prefix,
             connect_timeout_s=connect_timeout_s,
             pool_size=pool_size,
             retry_s=retry_s,
-            clock=clock,
         )
+        super().__init__(opts, clock)
         if not nodes:
             raise ConfigurationError("a Redis Cluster needs at least one node")
         seeds = [_connection_kwargs(n if "://" in n else f"redis://{n}") for n in nodes]
@@ -620,7 +577,7 @@ class RedisClusterStore(_RedisBase):
     def servers(self) -> Sequence[ServerHealth]:
         """Each master of the slot map (the given nodes until the map is read)."""
         nodes = self._masters or tuple(dict.fromkeys(self._seeds))
-        return tuple(n.health.snapshot() for n in nodes)
+        return tuple(n.health.snapshot(n.address) for n in nodes)
 
     def server_for(self, session_id: bytes) -> str | None:
         """The master that owns the slot of ``session_id``'s key (None before the map is read)."""

@@ -17,7 +17,9 @@ Options follow a ``?``, URL-query style (``&`` between them, ``%XX`` escapes in 
 ``tls_key``, ``tls_ca`` (all three or none) and ``tls_name``. :data:`OPTIONS` lists which kind
 takes which. :func:`parse_store_spec` reads a string into a :class:`StoreSpec`, whose ``str()``
 is the canonical string (parsing it again gives the same record); :func:`open_store` builds the
-store.
+store. The memcached and Redis options are the fields of
+:class:`~tlscache.stores.options.RemoteOptions`, which names each one's option here
+(:data:`~tlscache.stores.options.SPEC_OPTIONS`).
 
 Hand-written rather than ``urllib.parse.urlsplit``: memcached and cluster lists hold several
 ``host:port`` pairs, which a URL's netloc cannot, and every error must name the part at fault.
@@ -28,13 +30,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Final, Literal, NamedTuple, TypedDict, cast, get_args
+from typing import Final, Literal, NamedTuple, cast, get_args
 from urllib.parse import quote, unquote
 
 from tlscache.distcache.address import connectable
 from tlscache.exceptions import AddressError, ConfigurationError
 
 from .base import SessionStore
+from .options import SPEC_OPTIONS, RemoteOptions
 
 __all__ = [
     "OPTIONS",
@@ -44,6 +47,7 @@ __all__ = [
     "StoreSpec",
     "open_store",
     "parse_store_spec",
+    "remote_options",
 ]
 
 StoreKind = Literal["memory", "distcache", "memcached", "redis", "rediss", "redis-cluster"]
@@ -51,7 +55,12 @@ Placement = Literal["rendezvous", "ketama", "apache"]
 
 DEFAULT_PORTS: Final = {"memcached": 11211, "redis": 6379, "rediss": 6379, "redis-cluster": 6379}
 
-_NETWORK: Final = ("prefix", "timeout_ms", "retry", "pool", "near", "near_ttl")
+_NETWORK: Final = (*SPEC_OPTIONS, "near", "near_ttl")
+#: Options whose values are text, and those that are whole numbers (the others are numbers).
+_TEXT: Final = {"tls_cert", "tls_key", "tls_ca", "tls_name"} | {
+    n for n, o in SPEC_OPTIONS.items() if o.kind == "text"
+}
+_INTEGER: Final = {"near", "max"} | {n for n, o in SPEC_OPTIONS.items() if o.kind == "integer"}
 #: The options each kind of store takes.
 OPTIONS: Final[dict[StoreKind, tuple[str, ...]]] = {
     "memory": ("max",),
@@ -124,15 +133,6 @@ class StoreSpec(NamedTuple):
     def label(self) -> str:
         """How logs and status pages name this store: the group name, else the string."""
         return self.name or str(self)
-
-
-class _NetworkArgs(TypedDict, total=False):
-    """The keyword arguments of the memcached and Redis stores that options set."""
-
-    key_prefix: str
-    connect_timeout_s: float
-    retry_s: float
-    pool_size: int
 
 
 def _number_text(value: float) -> str:
@@ -214,11 +214,11 @@ def _options(text: str, kind: StoreKind, query: str, db: int | None) -> StoreOpt
                 choices = ", ".join(get_args(Placement))
                 raise _fail(text, f"option placement={value!r}", f"must be one of {choices}")
             found[key] = value
-        elif key in ("prefix", "tls_cert", "tls_key", "tls_ca", "tls_name"):
+        elif key in _TEXT:
             if not value or any(c.isspace() or not c.isprintable() for c in value):
                 raise _fail(text, f"option {key}", "must be printable, without spaces")
             found[key] = value
-        elif key in ("pool", "near", "max"):
+        elif key in _INTEGER:
             found[key] = int(_positive(text, key, value, integer=True))
         else:
             found[key] = _positive(text, key, value, integer=False)
@@ -278,6 +278,11 @@ def parse_store_spec(text: str) -> StoreSpec:
     return StoreSpec("memcached", servers, name, _options(text, "memcached", query, None))
 
 
+def remote_options(options: StoreOptions) -> RemoteOptions:
+    """The memcached and Redis stores' options from a store string's (defaults where absent)."""
+    return RemoteOptions.from_spec({name: getattr(options, name) for name in SPEC_OPTIONS})
+
+
 def open_store(spec: str | StoreSpec) -> SessionStore:
     """The store a string (or a parsed spec) names, with a near cache in front if ``near``.
 
@@ -287,15 +292,6 @@ def open_store(spec: str | StoreSpec) -> SessionStore:
     if isinstance(spec, str):
         spec = parse_store_spec(spec)
     o = spec.options
-    net: _NetworkArgs = {}
-    if o.prefix is not None:
-        net["key_prefix"] = o.prefix
-    if o.timeout_ms is not None:
-        net["connect_timeout_s"] = o.timeout_ms / 1000.0
-    if o.retry is not None:
-        net["retry_s"] = o.retry
-    if o.pool is not None:
-        net["pool_size"] = o.pool
     store: SessionStore
     if spec.kind == "memory":
         from .memory import MemoryStore
@@ -316,19 +312,17 @@ def open_store(spec: str | StoreSpec) -> SessionStore:
     elif spec.kind == "memcached":
         from .memcached import MemcachedStore
 
-        if o.placement is None:
-            store = MemcachedStore(spec.servers, **net)
-        else:
-            store = MemcachedStore(spec.servers, placement=o.placement, **net)
+        placement = o.placement or "rendezvous"
+        store = MemcachedStore(spec.servers, placement=placement, options=remote_options(o))
     elif spec.kind == "redis-cluster":
         from .redis import RedisClusterStore
 
-        store = RedisClusterStore(spec.servers, **net)
+        store = RedisClusterStore(spec.servers, options=remote_options(o))
     else:
         from .redis import RedisStore
 
         db = f"/{o.db}" if o.db is not None else ""
-        store = RedisStore(f"{spec.kind}://{spec.servers[0]}{db}", **net)
+        store = RedisStore(f"{spec.kind}://{spec.servers[0]}{db}", options=remote_options(o))
     if o.near is None:
         return store
     from .near import NearCache
