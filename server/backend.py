@@ -23,7 +23,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, TypeVar
@@ -34,14 +33,12 @@ from . import httpd
 from . import status as status_page
 from .cacheservers import KeyShares
 from .config import STORE_MODES, BackendConfig, CacheConfig, parse_backend_args
+from .handshakes import MADE_BY_HEADER, HandshakeLog
 from .metrics import MetricsPage
 from .records import (
     BackendStatus,
     ConnectionInfo,
     Handshake,
-    HandshakeCounts,
-    HandshakeLatency,
-    Percentiles,
     StoreServer,
     TicketStatus,
     encode,
@@ -55,8 +52,6 @@ T = TypeVar("T")
 
 SESSION_ID_CONTEXT = b"tlscache-farm"
 HANDSHAKE_TIMEOUT = 10.0
-RECENT = 50
-LATENCY_WINDOW = 2000
 
 
 class ConnectionDone(ConnectionError):
@@ -277,13 +272,7 @@ class Backend:
         self.connections = 0
         self.active = 0
         self.requests = 0
-        self.full = 0
-        self.resumed = 0
-        self.failed = 0
-        self.by_version: dict[str, int] = {}
-        self.latency_full: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.latency_resumed: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.recent: deque[Handshake] = deque(maxlen=RECENT)
+        self.log = HandshakeLog()
         self.metrics = MetricsPage(self.status, lambda: self.cache.cache)
 
     def _make_context(self) -> SSL.Context:
@@ -344,14 +333,13 @@ class Backend:
             try:
                 self.io(sock, conn.do_handshake, time.monotonic() + HANDSHAKE_TIMEOUT)
             except (SSL.Error, OSError):
-                with self._lock:
-                    self.failed += 1
+                self.log.fail()
                 return
-            self._record_handshake(conn, peer, (time.perf_counter() - t0) * 1000.0)
+            entry = self._record_handshake(conn, peer, (time.perf_counter() - t0) * 1000.0)
             try:
                 httpd.serve_connection(
                     _TlsStream(self, conn, sock),
-                    lambda request: self.route(request, conn),
+                    lambda request: self.route(request, conn, entry),
                     self.limits,
                     headers=(("X-Backend", self.config.name),),
                 )
@@ -368,33 +356,25 @@ class Backend:
             self.io(sock, conn.shutdown, time.monotonic() + 1.0)
         conn.set_shutdown(conn.get_shutdown() | SSL.SENT_SHUTDOWN)
 
-    def _record_handshake(self, conn: SSL.Connection, peer: object, ms: float) -> None:
-        resumed = _session_reused(conn)
-        version = conn.get_protocol_version_name()
-        entry = Handshake(
-            time=time.time(),
-            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
-            resumed=resumed,
-            version=version,
-            session_id=_session_id(conn),
-            handshake_ms=round(ms, 3),
+    def _record_handshake(self, conn: SSL.Connection, peer: object, ms: float) -> Handshake:
+        return self.log.complete(
+            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+            _session_reused(conn),
+            conn.get_protocol_version_name(),
+            _session_id(conn),
+            ms,
         )
-        with self._lock:
-            if resumed:
-                self.resumed += 1
-                self.latency_resumed.append(ms)
-            else:
-                self.full += 1
-                self.latency_full.append(ms)
-            self.by_version[version] = self.by_version.get(version, 0) + 1
-            self.recent.append(entry)
 
     # -- pages ---------------------------------------------------------------------------------
 
-    def route(self, request: httpd.Request, conn: SSL.Connection) -> httpd.Response:
+    def route(
+        self, request: httpd.Request, conn: SSL.Connection, handshake: Handshake | None = None
+    ) -> httpd.Response:
         """The TLS port: the connection's own pages, then the status pages."""
         with self._lock:
             self.requests += 1
+        if handshake is not None and request.number == 1:
+            self.log.made_by(handshake, request.header(MADE_BY_HEADER))
         if request.method in ("GET", "HEAD"):
             if request.path == "/info":
                 return httpd.json(encode(self.connection_info(conn, request.number)))
@@ -432,11 +412,8 @@ class Backend:
         """The whole backend, for its status page and the farm's."""
         cfg = self.config
         with self._lock:
-            full_ms = list(self.latency_full)
-            res_ms = list(self.latency_resumed)
             counters = (self.connections, self.active, self.requests)
-            handshakes = HandshakeCounts(self.full, self.resumed, self.failed)
-            by_version, recent = dict(self.by_version), list(self.recent)
+        log = self.log.snapshot()
         cache, cache_error = self.cache.stats()
         return BackendStatus(
             name=cfg.name,
@@ -451,16 +428,18 @@ class Backend:
             connections=counters[0],
             active=counters[1],
             requests=counters[2],
-            handshakes=handshakes,
-            by_version=by_version,
-            recent=recent,
-            handshake_ms=HandshakeLatency(Percentiles.of(full_ms), Percentiles.of(res_ms)),
+            handshakes=log.counts,
+            by_version=log.by_version,
+            recent=log.recent,
+            handshake_ms=log.latency,
             cache=cache,
             cache_error=cache_error,
             store=cfg.store,
             store_servers=self.cache.store_servers(),
             resumption=cfg.cache.resumption,
             tickets=self.cache.ticket_status(),
+            kind="threaded",
+            resumed_from=log.resumed_from,
         )
 
 

@@ -4,9 +4,10 @@ session id context, so each resumes the sessions the others made.
 
 :class:`KindBackend` is the part the two new kinds share: the session cache built as the
 threaded backend builds it (same :data:`~.backend.SESSION_ID_CONTEXT`, passed explicitly),
-the handshake counters, ``/info`` and a minimal ``/status.json`` (also on the admin port, which
-the farm polls to know the backend is up). Only stateful resumption is offered here: shared
-ticket keys are wired into pyOpenSSL contexts only.
+the handshake records (:class:`~.handshakes.HandshakeLog`, as the threaded backend keeps them),
+``/info``, and ``/status.json``, ``/status`` and ``/metrics`` (also on the admin port, which the
+farm polls to know the backend is up). Only stateful resumption is offered here: shared ticket
+keys are wired into pyOpenSSL contexts only.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ import time
 from typing import TYPE_CHECKING
 
 from . import httpd
+from . import status as status_page
 from .backend import SESSION_ID_CONTEXT, SessionCacheSetup
-from .config import STORE_MODES, BackendConfig
-from .records import (
-    BackendStatus,
-    ConnectionInfo,
-    HandshakeCounts,
-    HandshakeLatency,
-    Percentiles,
-    encode,
-)
+from .config import STORE_MODES, BackendConfig, BackendKind
+from .handshakes import HandshakeLog
+from .metrics import MetricsPage
+from .records import BackendStatus, ConnectionInfo, Handshake, encode
 
 if TYPE_CHECKING:
     from tlscache import SessionCache
@@ -35,16 +32,17 @@ if TYPE_CHECKING:
 class KindBackend:
     """Counters, pages and session cache of a twisted or stdlib backend."""
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, kind: BackendKind) -> None:
         self.config = config
+        self.kind = kind
         self.setup = SessionCacheSetup(config.cache, config.dc_address, config.keys, config.store)
         self.started = time.time()
         self._lock = threading.Lock()
         self.connections = 0
+        self.active = 0
         self.requests = 0
-        self.full = 0
-        self.resumed = 0
-        self.by_version: dict[str, int] = {}
+        self.log = HandshakeLog()
+        self.metrics = MetricsPage(self.status, lambda: self.setup.cache)
 
     def make_cache(self) -> SessionCache | None:
         """The SessionCache to install (None with ``--cache none``), with the threaded
@@ -74,20 +72,30 @@ class KindBackend:
         )
         return self.setup.cache
 
-    def record(self, resumed: bool, version: str) -> None:
-        """One handshake, counted when its connection's first request arrives."""
+    def opened(self) -> None:
+        """A TCP connection was accepted (its handshake is still to come)."""
         with self._lock:
             self.connections += 1
-            if resumed:
-                self.resumed += 1
-            else:
-                self.full += 1
-            self.by_version[version] = self.by_version.get(version, 0) + 1
+            self.active += 1
 
-    def info(self, version: str, cipher: str | None, resumed: bool, number: int) -> bytes:
-        """``/info`` as the threaded backend writes it (the workload reads ``backend``)."""
+    def closed(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def count_request(self) -> None:
+        """One HTTP request on the TLS port."""
         with self._lock:
             self.requests += 1
+
+    def info(
+        self,
+        version: str,
+        cipher: str | None,
+        resumed: bool,
+        number: int,
+        session_id: str | None = None,
+    ) -> bytes:
+        """``/info`` as the threaded backend writes it (the workload reads ``backend``)."""
         return encode(
             ConnectionInfo(
                 backend=self.config.name,
@@ -95,21 +103,23 @@ class KindBackend:
                 tls_version=version,
                 cipher=cipher,
                 resumed=resumed,
-                session_id=None,
+                session_id=session_id,
                 request_on_connection=number,
                 cache_mode=self.config.cache.mode,
                 cache=self.setup.stats()[0],
             )
         )
 
+    def first_request(self, handshake: Handshake, made_by: str | None) -> None:
+        """The first request of a connection, with its :data:`~.handshakes.MADE_BY_HEADER`."""
+        self.log.made_by(handshake, made_by)
+
     def status(self) -> BackendStatus:
         cfg = self.config
         with self._lock:
-            counts = HandshakeCounts(self.full, self.resumed, 0)
-            connections, requests, by_version = self.connections, self.requests, self.by_version
-            by_version = dict(by_version)
+            connections, active, requests = self.connections, self.active, self.requests
+        log = self.log.snapshot()
         cache, cache_error = self.setup.stats()
-        empty = Percentiles.of([])
         return BackendStatus(
             name=cfg.name,
             pid=os.getpid(),
@@ -120,23 +130,31 @@ class KindBackend:
             dc_address=cfg.dc_address,
             uptime_s=round(time.time() - self.started, 1),
             connections=connections,
-            active=0,
+            active=active,
             requests=requests,
-            handshakes=counts,
-            by_version=by_version,
-            recent=[],
-            handshake_ms=HandshakeLatency(empty, empty),
+            handshakes=log.counts,
+            by_version=log.by_version,
+            recent=log.recent,
+            handshake_ms=log.latency,
             cache=cache,
             cache_error=cache_error,
             keys=cfg.keys,
             store=cfg.store,
             store_servers=self.setup.store_servers(),
+            kind=self.kind,
+            resumed_from=log.resumed_from,
         )
 
     def route(self, method: str, path: str) -> httpd.Response | None:
-        """``/status.json`` (None: not a status page)."""
-        if method in ("GET", "HEAD") and path == "/status.json":
+        """``/status.json``, ``/status`` and ``/metrics`` (None: not a status page)."""
+        if method not in ("GET", "HEAD"):
+            return None
+        if path == "/status.json":
             return httpd.json(encode(self.status()))
+        if path == "/status":
+            return httpd.html(status_page.render_backend(self.status()))
+        if path == "/metrics":
+            return self.metrics.response()
         return None
 
     def admin_route(self, request: httpd.Request) -> httpd.Response:
@@ -146,10 +164,10 @@ class KindBackend:
         """The plain-HTTP admin port (the farm polls it to see the backend is ready)."""
         return httpd.HttpServer(self.config.host, self.config.admin_port, self.admin_route)
 
-    def banner(self, kind: str) -> str:
+    def banner(self) -> str:
         c = self.config
         return (
-            f"{c.name} ({kind}): https://{c.host}:{c.port}/ (TLS <= {c.tls}, cache "
+            f"{c.name} ({self.kind}): https://{c.host}:{c.port}/ (TLS <= {c.tls}, cache "
             f"{c.cache.mode}), status http://{c.host}:{c.admin_port}/status.json"
         )
 

@@ -1,4 +1,5 @@
-"""A backend's Prometheus registry: its session cache's collector and its own handshake counts.
+"""A backend's Prometheus registry: its session cache's collector and its own handshake counts,
+the same for every backend kind (threaded, Twisted, stdlib).
 
 Imports prometheus_client (the ``metrics`` extra); :mod:`.metrics` imports this module only
 when ``/metrics`` is asked for, so a farm without the package still runs.
@@ -53,6 +54,15 @@ class BackendCollector(Collector):
             "HTTP requests answered on the TLS port.",
             value=s.requests,
         )
+        made_by = CounterMetricFamily(
+            "tlscache_farm_resumed_from_total",
+            "Resumed handshakes by the backend that made the session, as the client named it "
+            "(made_by=unknown: it named none).",
+            labels=["made_by"],
+        )
+        for maker, count in sorted(s.resumed_from.items()):
+            made_by.add_metric([maker], count)
+        yield made_by
         if s.store_servers:
             sessions = CounterMetricFamily(
                 "tlscache_farm_store_server_sessions_total",

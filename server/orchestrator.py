@@ -30,6 +30,7 @@ from .cacheservers import (
 )
 from .config import HOST, FarmConfig, FarmError, backend_argv
 from .control import TOKEN_FILE, TOKEN_HEADER, start_control_page
+from .kinds import farm_resumptions
 from .ports import PortPlan, plan_ports
 from .procs import exit_text, tool, wait_proxy_connected
 from .records import BackendEntry, BackendStatus, BalancerStatus, FarmStatus, decode
@@ -267,6 +268,7 @@ class Farm:
                 [(c.name, c.address) for c in self.cache_servers], backends
             ),
             resumption=cfg.cache.resumption,
+            resumptions=farm_resumptions(backends, cfg.backend_kinds),
         )
 
     def describe(self, out: TextIO, status_port: int | None = None) -> None:

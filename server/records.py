@@ -78,6 +78,7 @@ class Handshake:
     session_id: str | None
     handshake_ms: float
     backend: str | None = None  # set where handshakes of several backends are merged
+    made_by: str | None = None  # resumed: the backend that made the session, as the client said
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,37 @@ class BackendStatus:
     store_servers: list[StoreServer] = field(default_factory=list)
     resumption: str = "stateful"  # stateful, stateless or both (tlscache.resumption)
     tickets: TicketStatus | None = None  # None: no shared ticket keys (stateful)
+    kind: str = "threaded"  # the server it runs as (--backend-kinds)
+    # Resumed handshakes by the backend that made the session, as the clients named it
+    # (handshakes.MADE_BY_HEADER); "unknown" where none did.
+    resumed_from: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResumptionCell:
+    """Resumed handshakes of sessions made by ``made_by`` and resumed by ``resumed_by`` (two
+    backend kinds, or two backend names)."""
+
+    made_by: str
+    resumed_by: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Resumptions:
+    """Who resumed whose sessions in a farm (:func:`.kinds.farm_resumptions`): every pair of
+    the kinds in use, and every pair of backends with a resumption."""
+
+    kinds: list[str] = field(default_factory=list)  # the kinds in use, in --backend-kinds order
+    by_kind: list[ResumptionCell] = field(default_factory=list)
+    by_backend: list[ResumptionCell] = field(default_factory=list)
+    unknown: int = 0  # resumptions whose maker no client named
+
+    def by_kind_dict(self) -> dict[tuple[str, str], int]:
+        return {(c.made_by, c.resumed_by): c.count for c in self.by_kind}
+
+    def by_backend_dict(self) -> dict[tuple[str, str], int]:
+        return {(c.made_by, c.resumed_by): c.count for c in self.by_backend}
 
 
 @dataclass(frozen=True)
@@ -232,6 +264,7 @@ class FarmStatus:
     balancer_status: str | None = None  # the balancer's plain-HTTP status URL
     cache_servers: list[CacheServerEntry] = field(default_factory=list)
     resumption: str = "stateful"
+    resumptions: Resumptions = field(default_factory=Resumptions)  # who resumed whose
 
     def caches(self) -> list[CacheStats]:
         """The cache statistics of every backend that answered and has a cache."""

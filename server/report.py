@@ -16,7 +16,7 @@ from tlscache import CacheStats
 from tlscache.latency import histogram_quantile
 
 from .config import HOST, STORE_MODES, FarmConfig, WorkloadConfig
-from .kinds import matrix_lines, resumption_matrix
+from .kinds import matrix_lines
 from .orchestrator import Farm
 from .procs import free_port
 from .records import FarmStatus
@@ -116,14 +116,9 @@ def format_report(runs: list[Run], backends: int, title: str) -> str:
 
 def who_resumed_whose(runs: list[Run], base: FarmConfig) -> list[str]:
     """With ``--backend-kinds``: resumptions by (kind that made the session, kind that resumed
-    it), from what the clients saw (the backend of the full handshake, of the resumption)."""
-    matrices = [
-        resumption_matrix(
-            ((s.origin, s.backend) for s in run.result.ok if s.offered and s.resumed),
-            base.backend_kinds,
-        )
-        for run in runs
-    ]
+    it), as the backends recorded them (the client names the maker in each resumed request):
+    the same :class:`~.records.Resumptions` as each farm's status page."""
+    matrices = [run.status.resumptions.by_kind_dict() for run in runs]
     return matrix_lines(matrices, base.backend_kinds, WIDTH)
 
 

@@ -13,7 +13,14 @@ from collections.abc import Callable
 
 from tlscache import CacheStats
 
-from .records import BackendStatus, BalancerBackend, FarmStatus, Handshake, TicketStatus
+from .records import (
+    BackendStatus,
+    BalancerBackend,
+    FarmStatus,
+    Handshake,
+    Resumptions,
+    TicketStatus,
+)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
@@ -96,7 +103,7 @@ def _recent_rows(recent: list[Handshake], with_backend: bool) -> list[list[str]]
         if with_backend:
             row.append(_e(r.backend))
         row += [_yes(r.resumed), f"<code>{_e(r.session_id)}</code>", _e(r.version)]
-        row.append(_ms(r.handshake_ms))
+        row += [_ms(r.handshake_ms), _e(r.made_by if r.resumed else "")]
         rows.append(row)
     return rows
 
@@ -182,11 +189,13 @@ def render_backend(s: BackendStatus) -> str:
         ],
     )
     recent = _table(
-        ["time", "handshake", "session id", "TLS", "ms"], _recent_rows(s.recent, with_backend=False)
+        ["time", "handshake", "session id", "TLS", "ms", "session made by"],
+        _recent_rows(s.recent, with_backend=False),
     )
     keys = f" Key ring <code>{_e(s.keys)}</code>." if s.keys else ""
     body = (
-        f"<p>pid {_e(s.pid)}, TLS &le; {_e(s.tls)}, cache <b>{_e(s.cache_mode)}</b> "
+        f"<p>{_e(s.kind)} backend, pid {_e(s.pid)}, TLS &le; {_e(s.tls)}, "
+        f"cache <b>{_e(s.cache_mode)}</b> "
         f"({_e(s.dc_address)}), up {_e(s.uptime_s)} s.{keys} JSON: "
         "<a href='/status.json'>/status.json</a>, Prometheus: <a href='/metrics'>/metrics</a>.</p>"
         f"{summary}{latency}<h2>Session cache</h2>{_cache_html(s)}{_tickets_html(s)}"
@@ -295,7 +304,7 @@ def render_farm(data: FarmStatus, token: str) -> str:
     recent.sort(key=lambda r: r.time)
     servers = _cache_servers_table(data)
     who = _table(
-        ["time", "backend", "handshake", "session id", "TLS", "server ms"],
+        ["time", "backend", "handshake", "session id", "TLS", "server ms", "session made by"],
         _recent_rows(recent[-60:], with_backend=True),
     )
     keys = (
@@ -311,12 +320,52 @@ def render_farm(data: FarmStatus, token: str) -> str:
         "JSON: <a href='/status.json'>/status.json</a>.</p>"
         f"<h2>Backends</h2>{backends}{_tickets_table(data)}{servers}{keys}"
         f"<h2>Processes</h2>{procs}"
+        f"{_whose_html(data.resumptions)}"
         "<h2>Who resumed where</h2><p>TLS 1.2: one session id, full on one backend and then "
         "resumed on others, is a session shared across the farm. TLS 1.3: every ticket has its "
         "own id, and a resumed handshake shows the id of the ticket it used.</p>"
         f"{who}"
     )
     return page("tlscache farm", body, refresh=3)
+
+
+def _matrix_table(
+    table_id: str, rows: list[str], columns: list[str], counts: dict[tuple[str, str], int]
+) -> str:
+    """A matrix: one row per maker, one column per resumer, a count in each cell (each cell
+    names its pair in ``data-`` attributes, for scripts)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in [CORNER, *columns])
+    body = "".join(
+        f"<tr><th>{_e(a)}</th>"
+        + "".join(
+            f'<td data-made-by="{_e(a)}" data-resumed-by="{_e(b)}">{_e(counts.get((a, b), 0))}</td>'
+            for b in columns
+        )
+        + "</tr>"
+        for a in rows
+    )
+    return f'<table id="{_e(table_id)}"><tr>{head}</tr>{body}</table>'
+
+
+#: The corner cell of a who-resumed-whose matrix: what its rows and columns are.
+CORNER = "made by \u2193 resumed by \u2192"
+
+
+def _whose_html(r: Resumptions) -> str:
+    """Who resumed whose: by kind (rows made the session, columns resumed it), then by backend."""
+    names = sorted(
+        {c.made_by for c in r.by_backend} | {c.resumed_by for c in r.by_backend},
+        key=lambda n: (len(n), n),
+    )
+    by_backend = _matrix_table("whose-backends", names, names, r.by_backend_dict()) if names else ""
+    return (
+        "<h2>Who resumed whose</h2><p>Resumed handshakes by the backend kind that made the "
+        "session (rows) and the kind that resumed it (columns), as the backends recorded them; "
+        "the client names the maker in its request (the farm's clients do), and "
+        f"<b>{_e(r.unknown)}</b> resumed handshakes named none.</p>"
+        f"{_matrix_table('whose-kinds', r.kinds, r.kinds, r.by_kind_dict())}"
+        f"{by_backend}"
+    )
 
 
 def _lookup_latency(cache: CacheStats | None) -> str | None:

@@ -3,7 +3,9 @@ session, through the balancer. Python's ``ssl`` module is the client, as in many
 
 Each connection fetches ``/info`` with ``Connection: close``: the answer says which backend served
 it and the server then closes TLS cleanly, so the client's session stays valid. Reading the answer
-before reconnecting also means the server has handed the new session to the cache by then.
+before reconnecting also means the server has handed the new session to the cache by then. A
+connection that offers a session names the backend that made it (``X-Tlscache-Made-By``), so
+that the backends can count who resumed whose (:mod:`.handshakes`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .config import TlsVersion, WorkloadConfig
+from .handshakes import MADE_BY_HEADER, UNKNOWN, claimed_maker
 from .records import ConnectionInfo, Percentiles, decode
 
 DEFAULT_WORKLOAD = WorkloadConfig()
@@ -121,9 +124,11 @@ def fetch_info(
     session: ssl.SSLSession | None,
     timeout: float = 5.0,
     server_hostname: str = "localhost",
+    made_by: str | None = None,
 ) -> tuple[ConnectionInfo, ssl.SSLSession | None, bool, float]:
     """One connection: handshake (timed), GET /info, read to the server's close_notify.
 
+    ``made_by``: the backend that made ``session``, named to the server in the request.
     Returns what the server says of the connection, the session to offer next time, whether
     this one resumed, and the handshake time in ms.
     """
@@ -136,8 +141,11 @@ def fetch_info(
         t0 = time.perf_counter()
         tls.do_handshake()
         ms = (time.perf_counter() - t0) * 1000.0
+        maker = claimed_maker(made_by) if session is not None else UNKNOWN
+        named = f"{MADE_BY_HEADER}: {maker}\r\n" if maker != UNKNOWN else ""
         tls.sendall(
-            f"GET /info HTTP/1.1\r\nHost: {server_hostname}\r\nConnection: close\r\n\r\n".encode()
+            f"GET /info HTTP/1.1\r\nHost: {server_hostname}\r\n{named}"
+            "Connection: close\r\n\r\n".encode()
         )
         data = bytearray()
         while True:
@@ -223,7 +231,9 @@ def run_workloads(
                 if offered and pause > 0:
                     time.sleep(pause)
                 try:
-                    info, new_session, resumed, ms = fetch_info(ctx, host, ports[i], session)
+                    info, new_session, resumed, ms = fetch_info(
+                        ctx, host, ports[i], session, made_by=origins[i]
+                    )
                     backend = info.backend
                     sample = Sample(n, attempt, offered, resumed, backend, origins[i], ms)
                     if not resumed:
