@@ -26,6 +26,29 @@ def client_context(version: str) -> SSL.Context:
     return ctx
 
 
+def pump(server: SSL.Connection, client: SSL.Connection, *, rounds: int = 20) -> bool:
+    """Run both ends' handshakes over their memory BIOs for at most ``rounds`` exchanges.
+
+    ``rounds=2`` stops after the server's first flight (its ClientHello callbacks, an SNI
+    switch among them, have run). True once both handshakes are done.
+    """
+    done = [False, False]
+    for _ in range(rounds):
+        for i, conn in enumerate((client, server)):
+            if not done[i]:
+                try:
+                    conn.do_handshake()
+                    done[i] = True
+                except SSL.WantReadError:
+                    pass
+        for src, dst in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                dst.bio_write(src.bio_read(65536))
+        if all(done):
+            break
+    return all(done)
+
+
 def handshake_over_memory(
     server_ctx: SSL.Context,
     client_ctx: SSL.Context,
@@ -48,21 +71,7 @@ def handshake_over_memory(
         c.set_tlsext_host_name(sni)
     if session is not None:
         c.set_session(session)
-    done = [False, False]
-    for _ in range(20):
-        for i, conn in enumerate((c, s)):
-            if not done[i]:
-                try:
-                    conn.do_handshake()
-                    done[i] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((c, s), (s, c)):
-            with contextlib.suppress(SSL.WantReadError):
-                dst.bio_write(src.bio_read(65536))
-        if all(done):
-            break
-    assert all(done), "handshake did not complete"
+    assert pump(s, c), "handshake did not complete"
     s.send(b"x")
     c.bio_write(s.bio_read(65536))
     assert c.recv(1) == b"x"

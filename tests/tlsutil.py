@@ -6,15 +6,18 @@ are re-exported here.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from OpenSSL import SSL
-
-from tlscache_farm.tlsclient import VERSIONS, client_context, handshake_over_memory, key_ring
+from tlscache_farm.tlsclient import (
+    VERSIONS,
+    client_context,
+    handshake_over_memory,
+    key_ring,
+    pump,
+)
 
 __all__ = [
     "VERSIONS",
@@ -52,29 +55,6 @@ def write_certs(directory: Path) -> Certs:
     ca.cert_pem.write_to_path(str(c.ca))
     key_ring(c.keys)
     return c
-
-
-def pump(server: SSL.Connection, client: SSL.Connection, *, rounds: int = 20) -> bool:
-    """Run both ends' handshakes over their memory BIOs for at most ``rounds`` exchanges.
-
-    ``rounds=2`` stops after the server's first flight (its ClientHello callbacks, an SNI
-    switch among them, have run). True once both handshakes are done.
-    """
-    done = [False, False]
-    for _ in range(rounds):
-        for i, conn in enumerate((client, server)):
-            if not done[i]:
-                try:
-                    conn.do_handshake()
-                    done[i] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((client, server), (server, client)):
-            with contextlib.suppress(SSL.WantReadError):
-                dst.bio_write(src.bio_read(65536))
-        if all(done):
-            break
-    return all(done)
 
 
 def s_client(
