@@ -5,7 +5,8 @@ pyOpenSSL ``Connection`` with memory BIOs can be driven by any event loop instea
 shell is deliberately small (one connection per task, no renegotiation, no half-close): it
 is what the non-blocking resumption path needs to be used and measured. With a
 :class:`~tlscache.openssl.clienthello.NonblockingResumption` installed on the Context, a
-handshake paused for a session lookup awaits the lookup instead of blocking the loop.
+handshake paused for a session lookup awaits the lookup instead of blocking the loop: a
+task on this loop (lookups on the loop) or a worker thread's future (lookups on threads).
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ class TLSStream:
                 if lookup is None:
                     raise
                 self.lookup_waits += 1
-                await asyncio.wrap_future(lookup)
+                if isinstance(lookup, asyncio.Future):
+                    # A task of this loop. Waited for, not awaited: its answer is read by
+                    # the get callback, and a cancelled handshake leaves it to end by its
+                    # own deadline.
+                    await asyncio.wait((lookup,))
+                else:
+                    await asyncio.wrap_future(lookup)
                 continue
             await self._flush()
             return

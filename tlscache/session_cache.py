@@ -27,6 +27,7 @@ fail and to cost little when the store misbehaves:
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import enum
 import gc
@@ -36,7 +37,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -58,6 +59,8 @@ from tlscache.stores.near import NearCache
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
+
+    from tlscache.stores.aio import AsyncSessionStore
 
 __all__ = [
     "LATENCY_BUCKETS_MS",
@@ -92,6 +95,9 @@ _TLS10, _TLS12 = 0x0301, 0x0303
 #: A call that takes this many times its time budget counts as a timeout (scheduling
 #: jitter past the deadline does not; a store that ignores deadlines does).
 _LATE_FACTOR = 2.0
+#: An async lookup's timeout noticed this many budgets after it was due was held up by a
+#: busy event loop (its timer ran late), not necessarily by the store.
+_LOOP_LAG = 0.5
 
 
 class BreakerState(enum.Enum):
@@ -418,6 +424,8 @@ def _store_chain(store: SessionStore) -> Iterator[SessionStore]:
 
 #: A store call that answers a lookup: ``fetch`` or ``take``.
 _Read = Callable[[bytes, Deadline], bytes | None]
+#: The same on an :class:`~tlscache.stores.aio.AsyncSessionStore`.
+_AsyncRead = Callable[[bytes, Deadline], Awaitable[bytes | None]]
 
 
 def _as_bytes(value: object) -> bytes | None:
@@ -484,6 +492,11 @@ class SessionCache:
     and drives the breaker. A store must honour the deadline it is given: a call
     that blocks stalls the handshake that made it (see ``docs/session-cache.md``).
 
+    ``async_store`` (an :class:`~tlscache.stores.aio.AsyncSessionStore` reaching the same
+    sessions as ``store``) answers :meth:`on_get_async`, the lookups of an event-loop
+    server (see :class:`~tlscache.openssl.clienthello.NonblockingResumption`); writes and
+    deletes of the callbacks still go to ``store``.
+
     One SessionCache may serve several Contexts. It never raises into OpenSSL:
     every failure becomes a miss (lookup) or a dropped write, and is counted.
     """
@@ -506,6 +519,7 @@ class SessionCache:
         stateful_tls13_tickets: bool = True,
         num_tickets: int | None = None,
         single_use: bool = False,
+        async_store: AsyncSessionStore | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         if timeout < 1:
@@ -525,6 +539,7 @@ class SessionCache:
                 "would still resume here): drop the near cache or single use"
             )
         self.store = store
+        self.async_store = async_store
         self.timeout = int(timeout)
         if keys is None:
             self.sealer: Sealer | None = None
@@ -719,6 +734,33 @@ class SessionCache:
             log.error("unexpected error in the get-session callback: %s", describe_error(exc))
             return None
 
+    async def on_get_async(
+        self, context: bytes, session_id: bytes, tls13: bool | None = None
+    ) -> bytes | None:
+        """:meth:`on_get` on ``async_store``, awaited on the running event loop.
+
+        Every decision is :meth:`on_get`'s (queued writes, breaker, deadline, sealing,
+        single use, counters); only the store round trip is awaited instead of waited
+        for. Never raises (cancellation aside); without ``async_store`` it is a miss.
+        """
+        try:
+            if self.async_store is None:
+                return None
+            if self._deferred_deletes:
+                self._run_deferred_deletes()
+            sealer = self.sealer
+            if self.single_use and tls13 is not False:
+                lookup = self._lookup_once_async
+            else:
+                lookup = self._lookup_async
+            if sealer is None:
+                return await lookup(bytes(session_id), None)
+            context = bytes(context)
+            return await lookup(sealer.lookup_key(context, session_id), context)
+        except Exception as exc:  # pragma: no cover - defensive
+            log.error("unexpected error in the async session lookup: %s", describe_error(exc))
+            return None
+
     def on_remove(self, context: bytes, session_id: bytes) -> None:
         """OpenSSL drops a session: deleted from the store only with ``remove_policy="delete"``.
 
@@ -803,54 +845,67 @@ class SessionCache:
             self._delete(context, session_id)
 
     # ------------------------------------------------------------ lookups
+    #
+    # A lookup is three steps, so that the blocking and the asyncio paths make the same
+    # decisions and differ only in how they wait for the store: _begin_lookup (queued
+    # writes, breaker), the store call, then _finish_lookup or _lookup_failed (breaker,
+    # sealing, plausibility, lateness, counters and latency).
 
-    def _lookup(self, key: bytes, context: bytes | None, read: _Read | None = None) -> bytes | None:
-        """One store round trip for ``key``; ``context`` is None when values are unsealed.
-
-        ``read`` replaces ``store.fetch`` (single use passes ``store.take``); then the
-        caller has looked at the queued writes itself.
-        """
-        pending = self._pending.get(key) if read is None else None
-        if pending is not None:
-            with self._lock:
-                counts = self._counts
-                counts.hits += 1
-                counts.pending_hits += 1
-            return pending
+    def _begin_lookup(self, key: bytes, check_pending: bool) -> tuple[bytes | None, float | None]:
+        """(answer, None) when no store call is needed (a queued write, an open breaker),
+        else (None, the start time the lookup's deadline and latency count from)."""
+        if check_pending:
+            pending = self._pending.get(key)
+            if pending is not None:
+                with self._lock:
+                    counts = self._counts
+                    counts.hits += 1
+                    counts.pending_hits += 1
+                return pending, None
         if not self.breaker.allow():
             with self._lock:
                 self._counts.skipped += 1
-            return None
-        clock = self._clock
-        budget = self._lookup_budget_s
-        start = clock()  # one read starts both the deadline and the latency measurement
-        try:
-            value = _as_bytes(
-                (self.store.fetch if read is None else read)(key, Deadline(start + budget, clock))
-            )
-        except StoreTimeout:
-            self.breaker.failure()
-            self._record_lookup(clock() - start, _Counters.timeout)
-            return None
-        except SealError as exc:
+            return None, None
+        return None, self._clock()
+
+    def _lookup_failed(self, exc: Exception, elapsed: float, *, blame: bool = True) -> None:
+        """Count a store call that raised (the lookup is a miss). ``blame=False``: a
+        timeout the store may not have caused, which tells the breaker nothing."""
+        if isinstance(exc, StoreTimeout):
+            if blame:
+                self.breaker.failure()
+            else:
+                self.breaker.undecided()
+            self._record_lookup(elapsed, _Counters.timeout)
+        elif isinstance(exc, SealError):
             # The store answered, with a value that does not authenticate (a sealing
             # wrapper's verdict): a rejected value, not a failing store.
             self.breaker.success()
-            self._record_lookup(clock() - start, _REFUSED.get(exc.failure, _Counters.tampered))
-            return None
-        except StoreError as exc:
+            self._record_lookup(elapsed, _REFUSED.get(exc.failure, _Counters.tampered))
+        elif isinstance(exc, StoreError):
             self.breaker.failure()
-            self._record_lookup(clock() - start, _Counters.error)
+            self._record_lookup(elapsed, _Counters.error)
             log.debug("session lookup failed: %s", type(exc).__name__)
-            return None
-        except Exception as exc:
+        else:
             self.breaker.failure()
-            self._record_lookup(clock() - start, _Counters.error)
+            self._record_lookup(elapsed, _Counters.error)
             log.warning(
                 "session store raised an unexpected error on fetch: %s", describe_error(exc)
             )
-            return None
-        elapsed = clock() - start  # the store's time; opening the value is ours
+
+    def _finish_lookup(
+        self,
+        key: bytes,
+        context: bytes | None,
+        value: bytes | None,
+        elapsed: float,
+        late_is_failure: bool = True,
+    ) -> bytes | None:
+        """The store answered ``value`` after ``elapsed`` s: open and check it, count it.
+
+        ``late_is_failure=False`` (the async path, which cuts a store off at its deadline
+        itself): an answer later than that was held up by the loop, not by the store.
+        """
         outcome: _Outcome
         if value is None:
             outcome = _Counters.miss
@@ -866,7 +921,7 @@ class SessionCache:
             else:
                 value = None
                 outcome = _Counters.bad_value
-        if elapsed > budget * _LATE_FACTOR:
+        if late_is_failure and elapsed > self._lookup_budget_s * _LATE_FACTOR:
             # The store ignored its deadline: use the answer, but treat it as a timeout
             # so that a store that blocks keeps the breaker informed.
             self.breaker.failure()
@@ -875,6 +930,112 @@ class SessionCache:
         self.breaker.success()
         self._record_lookup(elapsed, outcome)
         return value
+
+    def _lookup(self, key: bytes, context: bytes | None, read: _Read | None = None) -> bytes | None:
+        """One store round trip for ``key``; ``context`` is None when values are unsealed.
+
+        ``read`` replaces ``store.fetch`` (single use passes ``store.take``); then the
+        caller has looked at the queued writes itself.
+        """
+        answer, start = self._begin_lookup(key, read is None)
+        if start is None:
+            return answer
+        clock = self._clock
+        try:
+            value = (self.store.fetch if read is None else read)(
+                key, Deadline(start + self._lookup_budget_s, clock)
+            )
+        except Exception as exc:
+            self._lookup_failed(exc, clock() - start)
+            return None
+        # The store's time is measured up to here; opening the value is ours.
+        return self._finish_lookup(key, context, _as_bytes(value), clock() - start)
+
+    async def _lookup_async(
+        self, key: bytes, context: bytes | None, read: _AsyncRead | None = None
+    ) -> bytes | None:
+        """:meth:`_lookup` on the async store: the same steps, the round trip awaited.
+
+        The store keeps the deadline, as on the blocking path; the cache cuts off a store
+        that does not at twice the budget (as the blocking path counts such a call as a
+        timeout), so a paused handshake never waits longer. Not at the deadline itself: a
+        reply that arrived just before it would be thrown away whenever the loop runs
+        late. Times here are the loop's view and include the loop's own lateness, so a
+        timeout noticed more than half a budget after it was due (a loop busy with other
+        work) counts as a timeout but tells the breaker nothing, and an answer that came
+        late is used as on time: an overloaded server must not turn resumption off (full
+        handshakes cost it more) because of its own backlog.
+        """
+        answer, start = self._begin_lookup(key, read is None)
+        if start is None:
+            return answer
+        clock = self._clock
+        budget = self._lookup_budget_s
+        try:
+            async with asyncio.timeout(budget * _LATE_FACTOR):
+                store = self.async_store
+                assert store is not None
+                value = await (store.fetch if read is None else read)(
+                    key, Deadline(start + budget, clock)
+                )
+        except TimeoutError as exc:
+            elapsed = clock() - start
+            if isinstance(exc, StoreTimeout):
+                failure, due = exc, budget
+            else:
+                failure, due = StoreTimeout("lookup overran its deadline"), budget * _LATE_FACTOR
+            self._lookup_failed(failure, elapsed, blame=elapsed - due <= budget * _LOOP_LAG)
+            return None
+        except Exception as exc:
+            self._lookup_failed(exc, clock() - start)
+            return None
+        except asyncio.CancelledError:
+            self.breaker.undecided()  # the caller went away: no verdict on the store
+            raise
+        return self._finish_lookup(key, context, _as_bytes(value), clock() - start, False)
+
+    def _take_pending(self, key: bytes) -> bytes | None:
+        """Single use: a session still queued for writing in this process, handed out
+        (and, if single use applies, taken from the queue), or None."""
+        pending = self._pending.get(key)
+        if pending is None:
+            return None
+        if not _single_use_applies(pending):
+            with self._lock:
+                self._counts.hits += 1
+                self._counts.pending_hits += 1
+            return pending
+        with self._lock:
+            won = self._pending.get(key) is pending
+            if won:
+                # The writer skips a write whose session is no longer pending.
+                del self._pending[key]
+                counts = self._counts
+                counts.hits += 1
+                counts.pending_hits += 1
+                counts.takes += 1
+        # Not won: the writer has claimed it: it is in the store, or about to be.
+        return pending if won else None
+
+    def _took(
+        self, key: bytes, context: bytes | None, der: bytes | None, found: list[bool]
+    ) -> bytes | None:
+        """Single use: count a take's result; a session single use does not apply to is
+        put back (``found``: whether the store's take answered with a value)."""
+        if der is None:
+            if found == [False]:
+                self._count_nowait("take_misses", 1)
+            return None
+        if _single_use_applies(der):
+            self._count_nowait("takes", 1)
+        else:
+            self._put_back(key, context, der)
+        return der
+
+    def _count_fallback_take(self) -> None:
+        with self._lock:
+            self._counts.takes += 1
+            self._counts.take_fallbacks += 1
 
     def _lookup_once(self, key: bytes, context: bytes | None) -> bytes | None:
         """Single use: a TLS 1.3 session is handed out at most once, then gone from the store.
@@ -891,25 +1052,10 @@ class SessionCache:
         a DELETE of a TLS 1.3 session before it is handed out (``take_fallbacks``); a
         session whose DELETE failed is not used.
         """
-        pending = self._pending.get(key)
-        if pending is not None:
-            if not _single_use_applies(pending):
-                with self._lock:
-                    self._counts.hits += 1
-                    self._counts.pending_hits += 1
-                return pending
-            with self._lock:
-                won = self._pending.get(key) is pending
-                if won:
-                    # The writer skips a write whose session is no longer pending.
-                    del self._pending[key]
-                    counts = self._counts
-                    counts.hits += 1
-                    counts.pending_hits += 1
-                    counts.takes += 1
-            if won:
-                return pending
-            # The writer has claimed it: it is in the store, or about to be.
+        if key in self._pending:
+            taken = self._take_pending(key)
+            if taken is not None:
+                return taken
         store = self.store
         if store.supports_take:
             found: list[bool] = []  # whether the store's take answered with a value
@@ -919,24 +1065,38 @@ class SessionCache:
                 found.append(value is not None)
                 return value
 
-            der = self._lookup(key, context, take)
-            if der is None:
-                if found == [False]:
-                    self._count_nowait("take_misses", 1)
-                return None
-            if _single_use_applies(der):
-                self._count_nowait("takes", 1)
-            else:
-                self._put_back(key, context, der)
-            return der
+            return self._took(key, context, self._lookup(key, context, take), found)
         der = self._lookup(key, context, store.fetch)
         if der is None or not _single_use_applies(der):
             return der
         if not self._write(key, None, 0.0):
             return None  # still in the store: not used (a hit, and a remove error)
-        with self._lock:
-            self._counts.takes += 1
-            self._counts.take_fallbacks += 1
+        self._count_fallback_take()
+        return der
+
+    async def _lookup_once_async(self, key: bytes, context: bytes | None) -> bytes | None:
+        """:meth:`_lookup_once` on the async store (same rules, same counters)."""
+        if key in self._pending:
+            taken = self._take_pending(key)
+            if taken is not None:
+                return taken
+        store = self.async_store
+        assert store is not None
+        if store.supports_take:
+            found: list[bool] = []
+
+            async def take(k: bytes, deadline: Deadline) -> bytes | None:
+                value = await store.take(k, deadline)
+                found.append(value is not None)
+                return value
+
+            return self._took(key, context, await self._lookup_async(key, context, take), found)
+        der = await self._lookup_async(key, context, store.fetch)
+        if der is None or not _single_use_applies(der):
+            return der
+        if not await self._delete_async(key):
+            return None
+        self._count_fallback_take()
         return der
 
     def _put_back(self, key: bytes, context: bytes | None, der: bytes) -> None:
@@ -971,43 +1131,33 @@ class SessionCache:
 
     # ------------------------------------------------------------ writes
 
-    def _write(self, key: bytes, value: bytes | None, ttl: float) -> bool:
-        """One store/delete call with the breaker and the deadline; True if the store
-        carried it out. Never raises."""
-        deleting = value is None
-        if not self.breaker.allow():
-            with self._lock:
-                if deleting:
-                    self._counts.remove_errors += 1
-                else:
-                    self._counts.writes_skipped += 1
-            return False
-        clock = self._clock
-        budget = self._write_budget_s
-        start = clock()
-        deadline = Deadline(start + budget, clock)
-        status: WriteStatus | None = None
-        try:
-            if value is None:
-                self.store.delete(key, deadline)
+    def _begin_write(self, deleting: bool) -> float | None:
+        """The start time of a store/delete call, or None (counted) if the breaker is open."""
+        if self.breaker.allow():
+            return self._clock()
+        with self._lock:
+            if deleting:
+                self._counts.remove_errors += 1
             else:
-                status = self.store.store(key, value, ttl, deadline)
-        except StoreTimeout:
-            self.breaker.failure()
+                self._counts.writes_skipped += 1
+        return None
+
+    def _write_failed(self, deleting: bool, exc: Exception) -> None:
+        self.breaker.failure()
+        if isinstance(exc, StoreTimeout):
             self._count_write(deleting, done=False, timed_out=True)
-            return False
-        except Exception as exc:
-            self.breaker.failure()
-            self._count_write(deleting, done=False)
-            if isinstance(exc, StoreError):
-                log.debug("session store write failed: %s", type(exc).__name__)
-            else:
-                log.warning("session store raised an unexpected error: %s", describe_error(exc))
-            return False
-        if clock() - start > budget * _LATE_FACTOR:
+            return
+        self._count_write(deleting, done=False)
+        if isinstance(exc, StoreError):
+            log.debug("session store write failed: %s", type(exc).__name__)
+        else:
+            log.warning("session store raised an unexpected error: %s", describe_error(exc))
+
+    def _write_done(self, deleting: bool, elapsed: float, status: WriteStatus | None) -> None:
+        if elapsed > self._write_budget_s * _LATE_FACTOR:
             self.breaker.failure()
             self._count_write(deleting, done=True, timed_out=True)
-            return True
+            return
         if status is WriteStatus.SENT:
             # Only an answer from the store is a success: a pipelined write that only
             # reached the kernel would otherwise reset the failures of a stalled store.
@@ -1015,6 +1165,48 @@ class SessionCache:
         else:
             self.breaker.success()
         self._count_write(deleting, done=True)
+
+    def _write(self, key: bytes, value: bytes | None, ttl: float) -> bool:
+        """One store/delete call with the breaker and the deadline; True if the store
+        carried it out. Never raises."""
+        deleting = value is None
+        start = self._begin_write(deleting)
+        if start is None:
+            return False
+        clock = self._clock
+        deadline = Deadline(start + self._write_budget_s, clock)
+        status: WriteStatus | None = None
+        try:
+            if value is None:
+                self.store.delete(key, deadline)
+            else:
+                status = self.store.store(key, value, ttl, deadline)
+        except Exception as exc:
+            self._write_failed(deleting, exc)
+            return False
+        self._write_done(deleting, clock() - start, status)
+        return True
+
+    async def _delete_async(self, key: bytes) -> bool:
+        """:meth:`_write` of a delete, on the async store; True if the store carried it out."""
+        start = self._begin_write(True)
+        if start is None:
+            return False
+        store = self.async_store
+        assert store is not None
+        clock = self._clock
+        budget = self._write_budget_s
+        try:
+            async with asyncio.timeout(budget * _LATE_FACTOR):  # as in _lookup_async
+                await store.delete(key, Deadline(start + budget, clock))
+        except TimeoutError as exc:
+            failure = exc if isinstance(exc, StoreTimeout) else StoreTimeout("delete timed out")
+            self._write_failed(True, failure)
+            return False
+        except Exception as exc:
+            self._write_failed(True, exc)
+            return False
+        self._write_done(True, clock() - start, None)
         return True
 
     def _count_write(self, deleting: bool, *, done: bool, timed_out: bool = False) -> None:

@@ -9,7 +9,9 @@ callback again on the next ``do_handshake()``. So:
 
 1. The ClientHello callback reads the id OpenSSL will look up: a TLS 1.3 ``pre_shared_key``
    identity of a stateful ticket (32 bytes), or the TLS 1.2 session id. It starts the
-   lookup (by default ``handler.on_get`` in a small thread pool) and returns RETRY.
+   lookup and returns RETRY: with a cache that has an ``async_store``, as a task on the
+   running event loop (``cache.on_get_async``: no thread at all); otherwise
+   ``cache.on_get`` in a small thread pool (any shell: Twisted, a thread per loop).
 2. The server's shell waits for the lookup without blocking (:meth:`NonblockingResumption.
    paused_lookup` gives the future) and calls ``do_handshake()`` again; the callback now
    returns SUCCESS.
@@ -19,8 +21,8 @@ callback again on the next ``do_handshake()``. So:
 
 A miss, a timeout or an open breaker is an empty answer: a full handshake, as always.
 
-The lookup itself is the cache's own ``on_get``, run on a worker thread: its deadline,
-circuit breaker, sealing, single-use take and counters apply unchanged, for every store.
+The lookup itself is the cache's own ``on_get`` or ``on_get_async``: its deadline, circuit
+breaker, sealing, single-use take and counters apply unchanged, for every store.
 This is hand-written because no binding exposes the ClientHello callback; the extension
 parser is hand-written because it must refuse anything malformed without raising (the
 ClientHello is attacker input) and is twenty lines.
@@ -28,6 +30,7 @@ ClientHello is attacker input) and is twenty lines.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import struct
@@ -35,7 +38,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 from OpenSSL import SSL
 
@@ -57,6 +60,7 @@ __all__ = [
     "Lookup",
     "NonblockingResumption",
     "NonblockingStats",
+    "PausedLookup",
     "offers_tls13",
     "parse_psk_identities",
 ]
@@ -81,6 +85,8 @@ _ATTR_NB = "_tlscache_nonblocking"
 
 #: Starts a lookup of (session id context, session id); the future gives the DER or None.
 Lookup = Callable[[bytes, bytes], "concurrent.futures.Future[bytes | None]"]
+#: What a paused handshake waits for: a thread pool's future, or a task on the event loop.
+PausedLookup: TypeAlias = concurrent.futures.Future[bytes | None] | asyncio.Future[bytes | None]
 
 
 class _Cache(Protocol):
@@ -88,12 +94,17 @@ class _Cache(Protocol):
 
     stateful_tls13_tickets: bool
     num_tickets: int | None
+    async_store: Any
 
     def install(self, ctx: SSL.Context) -> bytes: ...
 
     def on_new(self, context: bytes, session_id: bytes, der: bytes, timeout_s: int) -> None: ...
 
     def on_get(self, context: bytes, session_id: bytes) -> bytes | None: ...
+
+    async def on_get_async(
+        self, context: bytes, session_id: bytes, tls13: bool | None = None
+    ) -> bytes | None: ...
 
     def on_remove(self, context: bytes, session_id: bytes) -> None: ...
 
@@ -165,6 +176,8 @@ class NonblockingStats(NamedTuple):
     nothing_offered: int  #: ClientHellos offering no id to look up
     malformed: int  #: ClientHellos whose pre_shared_key extension did not parse
     overloaded: int  #: lookups not started: too many in flight (a full handshake)
+    on_loop: int = 0  #: of ``started``, tasks on the event loop (the rest: worker threads)
+    no_loop: int = 0  #: lookups not started: loop mode, but no event loop running here
 
 
 @dataclass
@@ -176,6 +189,8 @@ class _Counts:
     nothing_offered: int = 0
     malformed: int = 0
     overloaded: int = 0
+    on_loop: int = 0
+    no_loop: int = 0
 
 
 @dataclass
@@ -183,7 +198,7 @@ class _Prefetch:
     """One connection's lookup: the id, and the answer to come (None: nothing looked up)."""
 
     session_id: bytes
-    future: concurrent.futures.Future[bytes | None] | None
+    future: concurrent.futures.Future[bytes | None] | asyncio.Future[bytes | None] | None
 
 
 # The per-connection state lives as long as the Connection (not its SSL* address: reused).
@@ -228,13 +243,19 @@ class NonblockingResumption:
     """Session lookups that pause the handshake instead of blocking the thread.
 
     ``cache`` is a :class:`~tlscache.SessionCache`; :meth:`install` installs it on a Context
-    (as ``cache.install`` does) plus the ClientHello callback. Lookups run ``lookup``, by
-    default ``cache.on_get`` on a pool of ``max_workers`` threads; at most ``max_pending``
-    are in flight, and a ClientHello beyond that gets a full handshake (``overloaded``).
+    (as ``cache.install`` does) plus the ClientHello callback. ``lookups`` says where the
+    lookups run: ``"loop"``, as tasks of ``cache.on_get_async`` on the event loop running
+    the handshake (needs the cache's ``async_store``; no threads); ``"threads"``,
+    ``lookup``, by default ``cache.on_get`` on a pool of ``max_workers`` threads (any
+    shell). By default ``"loop"`` when the cache has an ``async_store`` and no ``lookup``
+    is given. At most ``max_pending`` lookups are in flight, and a ClientHello beyond that
+    gets a full handshake (``overloaded``), as does one that finds no running loop in loop
+    mode (``no_loop``).
 
     A server shell drives it: when ``do_handshake()`` raises ``SSL.Error``,
     :meth:`paused_lookup` says whether the handshake is only waiting for a lookup (and gives
-    its future); call ``do_handshake()`` again once it is done.
+    its future: a task on the loop, or a thread pool's future); call ``do_handshake()`` again
+    once it is done.
     """
 
     def __init__(
@@ -244,13 +265,28 @@ class NonblockingResumption:
         max_workers: int = 4,
         max_pending: int = 256,
         lookup: Lookup | None = None,
+        lookups: Literal["threads", "loop"] | None = None,
     ) -> None:
         if max_workers < 1 or max_pending < 1:
             raise ConfigurationError("max_workers and max_pending must be at least 1")
+        if lookups is None:
+            has_async = getattr(cache, "async_store", None) is not None
+            lookups = "loop" if has_async and lookup is None else "threads"
+        if lookups == "loop":
+            if lookup is not None:
+                raise ConfigurationError("lookup= is for lookups on threads, not on the loop")
+            if getattr(cache, "async_store", None) is None:
+                raise ConfigurationError(
+                    "lookups on the event loop need a SessionCache with an async_store"
+                )
+        elif lookups != "threads":
+            raise ConfigurationError("lookups must be 'threads' or 'loop'")
         self.cache = cache
         self.max_pending = max_pending
+        #: Where lookups run: ``"loop"`` or ``"threads"``.
+        self.lookups: Literal["threads", "loop"] = lookups
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        if lookup is None:
+        if lookup is None and lookups == "threads":
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers, thread_name_prefix="tlscache-lookup"
             )
@@ -261,10 +297,11 @@ class NonblockingResumption:
             ) -> concurrent.futures.Future[bytes | None]:
                 return pool.submit(cache.on_get, context, session_id)
 
-        self._lookup: Lookup = lookup
+        self._lookup: Lookup | None = lookup
         self._lock = threading.Lock()
         self._counts = _Counts()
         self._in_flight = 0
+        self._warned_no_loop = False
         self._want: Callable[[Any], int] = resolve().get("SSL_want")
 
     # ------------------------------------------------------------ setup
@@ -313,8 +350,9 @@ class NonblockingResumption:
             top = int(ssl_ctrl(ssl, _CTRL_GET_MAX_PROTO_VERSION, 0, null))
             return top == 0 or top >= _TLS13
 
-        def offered_id(ssl: Any) -> bytes | None:
-            """The id OpenSSL will look up for this ClientHello, if any."""
+        def offered_id(ssl: Any) -> tuple[bytes, bool] | None:
+            """The id OpenSSL will look up for this ClientHello, if any, and whether the
+            handshake is TLS 1.3."""
             versions = extension(ssl, SUPPORTED_VERSIONS_EXTENSION)
             if versions is not None and offers_tls13(versions) and server_allows_tls13(ssl):
                 # TLS 1.3: only a PSK identity is looked up, never the legacy session id.
@@ -325,12 +363,13 @@ class NonblockingResumption:
                 if identities is None:
                     self._count("malformed")
                     return None
-                return next((i for i in identities if len(i) == STATEFUL_TICKET_ID_LEN), None)
+                ticket = next((i for i in identities if len(i) == STATEFUL_TICKET_ID_LEN), None)
+                return None if ticket is None else (ticket, True)
             out = ffi.new(uchar_pp)
             length = get_sid(ssl, out)
             if not 0 < length <= _MAX_SESSION_ID_LEN:
                 return None
-            return bytes(buffer(out[0], length))
+            return bytes(buffer(out[0], length)), False
 
         def hello_cb(ssl: Any, al: Any, arg: Any) -> int:
             try:
@@ -344,13 +383,14 @@ class NonblockingResumption:
                     if future is None or future.done():
                         return _CLIENT_HELLO_SUCCESS
                     return _CLIENT_HELLO_RETRY  # called again before the lookup finished
-                sid = offered_id(ssl)
-                if sid is None:
+                offered = offered_id(ssl)
+                if offered is None:
                     self._count("nothing_offered")
                     with _prefetches_lock:
                         _prefetches[conn] = _Prefetch(b"", None)
                     return _CLIENT_HELLO_SUCCESS
-                future = self._start(context, sid)
+                sid, tls13 = offered
+                future = self._start(context, sid, tls13)
                 with _prefetches_lock:
                     _prefetches[conn] = _Prefetch(sid, future)
                 if future is None or future.done():
@@ -374,7 +414,7 @@ class NonblockingResumption:
                 self._count("answered")
                 try:
                     der = future.result()
-                except Exception:
+                except (Exception, asyncio.CancelledError):
                     der = None
                 if der is None:
                     return null
@@ -408,17 +448,36 @@ class NonblockingResumption:
         with self._lock:
             setattr(self._counts, name, getattr(self._counts, name) + 1)
 
-    def _start(
-        self, context: bytes, session_id: bytes
-    ) -> concurrent.futures.Future[bytes | None] | None:
+    def _start(self, context: bytes, session_id: bytes, tls13: bool) -> PausedLookup | None:
+        loop: asyncio.AbstractEventLoop | None = None
+        if self._lookup is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._count("no_loop")
+                if not self._warned_no_loop:
+                    self._warned_no_loop = True
+                    log.warning(
+                        "lookups on the event loop, but no asyncio loop runs this handshake: "
+                        "full handshakes; pass lookups='threads' for this server"
+                    )
+                return None
         with self._lock:
             if self._in_flight >= self.max_pending:
                 self._counts.overloaded += 1
                 return None
             self._in_flight += 1
             self._counts.started += 1
+            if loop is not None:
+                self._counts.on_loop += 1
+        future: PausedLookup
         try:
-            future = self._lookup(context, session_id)
+            if loop is None:
+                assert self._lookup is not None
+                future = self._lookup(context, session_id)
+            else:
+                # Called inside do_handshake() on the loop's thread: a task of that loop.
+                future = loop.create_task(self.cache.on_get_async(context, session_id, tls13))
         except Exception:
             self._finished(None)
             raise
@@ -429,10 +488,13 @@ class NonblockingResumption:
         with self._lock:
             self._in_flight -= 1
 
-    def paused_lookup(self, conn: SSL.Connection) -> concurrent.futures.Future[bytes | None] | None:
+    def paused_lookup(self, conn: SSL.Connection) -> PausedLookup | None:
         """The lookup ``conn``'s handshake waits for, or None if it is not paused for one.
 
-        Call it when ``do_handshake()`` raised ``SSL.Error``: None means a real error.
+        Call it when ``do_handshake()`` raised ``SSL.Error``: None means a real error. In
+        loop mode it is an ``asyncio.Task`` of the loop running the handshake (await it);
+        otherwise a ``concurrent.futures.Future`` (``asyncio.wrap_future`` it). Either
+        takes ``add_done_callback``; neither fails (a failed lookup is a miss).
         """
         if self._want(conn._ssl) != _SSL_WANT_CLIENT_HELLO_CB:
             return None
@@ -451,9 +513,12 @@ class NonblockingResumption:
                 c.nothing_offered,
                 c.malformed,
                 c.overloaded,
+                c.on_loop,
+                c.no_loop,
             )
 
     def close(self) -> None:
-        """Stop the lookup threads (lookups in flight finish first)."""
+        """Stop the lookup threads (lookups in flight finish first). Loop mode has none:
+        its lookups are tasks of the loop, ended with it."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)

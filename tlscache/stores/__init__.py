@@ -25,12 +25,18 @@ from tlscache.stores.near import NearCache
 from tlscache.stores.spec import StoreSpec, open_store, parse_store_spec
 
 if TYPE_CHECKING:
+    from tlscache.stores.aio import AsyncDistcacheStore, AsyncMemoryStore, AsyncSessionStore
+    from tlscache.stores.aio_redis import AsyncRedisStore
     from tlscache.stores.memcached import MemcachedStore
     from tlscache.stores.redis import RedisClusterStore, RedisStore
 
 __all__ = [
     "MAX_ID_LEN",
     "MAX_VALUE_LEN",
+    "AsyncDistcacheStore",
+    "AsyncMemoryStore",
+    "AsyncRedisStore",
+    "AsyncSessionStore",
     "DistcacheStore",
     "MemcachedStore",
     "MemoryStore",
@@ -46,6 +52,10 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AsyncDistcacheStore": "tlscache.stores.aio",
+    "AsyncMemoryStore": "tlscache.stores.aio",
+    "AsyncRedisStore": "tlscache.stores.aio_redis",
+    "AsyncSessionStore": "tlscache.stores.aio",
     "MemcachedStore": "tlscache.stores.memcached",
     "RedisStore": "tlscache.stores.redis",
     "RedisClusterStore": "tlscache.stores.redis",
