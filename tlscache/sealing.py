@@ -47,7 +47,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
@@ -86,8 +86,19 @@ class _Context:
         if len(context) > _MAX_CONTEXT:
             raise ConfigurationError(f"a session id context is at most {_MAX_CONTEXT} bytes")
         framed = len(context).to_bytes(1, "big") + context
-        self.lookup = hmac.new(lookup_secret, _LOOKUP_LABEL + framed, hashlib.sha256)
+        mac = hmac.new(lookup_secret, _LOOKUP_LABEL + framed, hashlib.sha256)
+        # The C object behind ``hmac.HMAC`` where there is one: its copy() is one call,
+        # where HMAC.copy() builds a Python object first. Both copy/update/digest alike.
+        self.lookup: _Mac = getattr(mac, "_hmac", None) or mac
         self.ad_prefix = _SEAL_LABEL + framed
+
+
+class _Mac(Protocol):
+    def copy(self) -> _Mac: ...
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
 
 
 class _Keys:
@@ -166,7 +177,9 @@ class Sealer:
 
     def lookup_key(self, context: bytes, session_id: bytes) -> bytes:
         """The 32-byte key a store sees for ``session_id`` under ``context``."""
-        mac = self._current().context(context).lookup.copy()
+        keys = self._keys if self._file is None else self._current()
+        state = keys.contexts.get(context) or keys.context(context)
+        mac = state.lookup.copy()
         mac.update(session_id)
         return mac.digest()
 
@@ -197,19 +210,20 @@ class Sealer:
         version, key_id, sealed_ms, lifetime = _HEADER.unpack_from(value)
         if version != VERSION:
             raise SealError("malformed", f"unknown seal version {version}")
-        keys = self._current()
+        keys = self._keys if self._file is None else self._current()
         aead = keys.aeads.get(key_id)
         if aead is None:
             if key_id in keys.retired:
                 raise SealError("retired_key", f"sealed under retired key {key_id}")
             raise SealError("unknown_key", f"sealed under unknown key {key_id}")
-        ad = keys.context(context).ad_prefix + lookup_key + value[:HEADER_SIZE]
+        state = keys.contexts.get(context) or keys.context(context)
+        ad = state.ad_prefix + lookup_key + value[:HEADER_SIZE]
         try:
             session = aead.decrypt(value[_HEADER.size : HEADER_SIZE], value[HEADER_SIZE:], ad)
         except InvalidTag:
             raise SealError("tampered", "sealed value failed authentication") from None
         age = self._clock() - sealed_ms / 1000.0
-        limit = min(lifetime, max_age_s)
+        limit = lifetime if lifetime < max_age_s else max_age_s
         if age > limit:
             raise SealError("expired", f"sealed {age:.0f} s ago, limit {limit:.0f} s")
         if age < -self.max_skew_s:

@@ -29,7 +29,6 @@ API offers no access to the ``SSL_CTX`` / ``SSL`` pointers, and ``Connection._re
 from __future__ import annotations
 
 import _thread
-import contextlib
 import functools
 import hashlib
 import logging
@@ -40,7 +39,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from OpenSSL import SSL
 
@@ -126,23 +125,40 @@ _warn = _RateLimitedLog()
 # --------------------------------------------------------------------------- per connection
 
 
-@dataclass
 class _Record:
     """What one connection was given: the ids, and who to tell if it fails."""
 
-    handler: SessionCallbacks
-    context: bytes
-    ids: list[bytes] = field(default_factory=list)
+    __slots__ = ("context", "handler", "ids")
+
+    def __init__(self, handler: SessionCallbacks, context: bytes, ids: list[bytes]) -> None:
+        self.handler = handler
+        self.context = context
+        self.ids = ids
 
 
-# Keyed by the Connection, so an entry goes when the connection (and its SSL) is freed; a
-# connection remembers at most _MAX_IDS_PER_CONNECTION ids (the newest).
-_records: weakref.WeakKeyDictionary[SSL.Connection, _Record] = weakref.WeakKeyDictionary()
-_records_lock = threading.Lock()
+#: The attribute by which a Connection holds its ``_Record``: it goes when the connection
+#: (and its SSL) is freed. Only the thread handshaking a connection touches it (its
+#: callbacks run there), so no lock is needed; at most _MAX_IDS_PER_CONNECTION ids (the
+#: newest) are kept.
+_RECORD_ATTR = "_tlscache_record"
+
+# pyOpenSSL's map from ``SSL *`` to its Connection, a WeakValueDictionary made once with the
+# class. Its dict of weak references is read directly: WeakValueDictionary.get is Python code,
+# and this runs several times per handshake.
+_reverse_mapping: Any = getattr(SSL.Connection, "_reverse_mapping", None)
+_refs: dict[Any, Any] | None = (
+    getattr(_reverse_mapping, "data", None)
+    if isinstance(_reverse_mapping, weakref.WeakValueDictionary)
+    else None
+)
+_refs_get: Callable[[Any], Any] | None = None if _refs is None else _refs.get
 
 
 def _connection_of(ssl: Any) -> SSL.Connection | None:
     """The pyOpenSSL Connection of an ``SSL *`` (``None`` if pyOpenSSL did not make it)."""
+    if _refs_get is not None:
+        ref = _refs_get(ssl)
+        return None if ref is None else ref()
     mapping = getattr(SSL.Connection, "_reverse_mapping", None)
     return None if mapping is None else mapping.get(ssl)
 
@@ -154,16 +170,42 @@ def _remember(
     conn = _connection_of(ssl)
     if conn is None:
         return None
-    with _records_lock:
-        rec = _records.get(conn)
-        if rec is None:
-            _records[conn] = _Record(handler, context, [sid])
-            return conn
-        rec.handler, rec.context = handler, context
-        if sid not in rec.ids:
-            rec.ids.append(sid)
-            del rec.ids[:-_MAX_IDS_PER_CONNECTION]
+    rec: _Record | None = conn.__dict__.get(_RECORD_ATTR)
+    if rec is None:
+        conn.__dict__[_RECORD_ATTR] = _Record(handler, context, [sid])
+        return conn
+    rec.handler = handler
+    rec.context = context
+    ids = rec.ids
+    if sid not in ids:
+        ids.append(sid)
+        if len(ids) > _MAX_IDS_PER_CONNECTION:
+            del ids[0]
     return conn
+
+
+class _Records:
+    """A read-only view of every live connection's record (for tests and reports)."""
+
+    def _live(self) -> list[SSL.Connection]:
+        if _reverse_mapping is None:
+            return []
+        return [c for c in list(_reverse_mapping.values()) if _RECORD_ATTR in vars(c)]
+
+    def __contains__(self, conn: object) -> bool:
+        return _RECORD_ATTR in getattr(conn, "__dict__", {})
+
+    def __getitem__(self, conn: SSL.Connection) -> _Record:
+        rec: _Record | None = getattr(conn, "__dict__", {}).get(_RECORD_ATTR)
+        if rec is None:
+            raise KeyError(conn)
+        return rec
+
+    def __len__(self) -> int:
+        return len(self._live())
+
+
+_records = _Records()
 
 
 # --------------------------------------------------------------------------- SNI switches
@@ -182,9 +224,9 @@ def _keep_session_context(conn: SSL.Connection, ctx: SSL.Context) -> None:
     unregister the callbacks while its connections still need them, and their sessions
     would silently never be stored.
     """
-    if getattr(conn, _SESSION_CONTEXT_ATTR, None) is None:
-        with contextlib.suppress(AttributeError):  # a Connection without __dict__
-            setattr(conn, _SESSION_CONTEXT_ATTR, ctx)
+    attrs = getattr(conn, "__dict__", None)  # None: a Connection without __dict__
+    if attrs is not None:
+        attrs.setdefault(_SESSION_CONTEXT_ATTR, ctx)  # the first one stays
 
 
 def _check_switch(conn: SSL.Connection, owner: SSL.Context, handler: SessionCallbacks) -> None:
@@ -209,8 +251,8 @@ def _forget(ssl: Any) -> _Record | None:
     conn = _connection_of(ssl)
     if conn is None:
         return None
-    with _records_lock:
-        return _records.pop(conn, None)
+    rec: _Record | None = conn.__dict__.pop(_RECORD_ATTR, None)
+    return rec
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -227,13 +269,23 @@ class _Installed:
     remove_cb: Any
 
 
-def _sid_reader(res: Resolution) -> Callable[[Any], bytes]:
-    """``sid_of(session)``: the id of an ``SSL_SESSION *`` (``b""`` if it has none)."""
-    from OpenSSL._util import ffi
+class Natives(NamedTuple):
+    """One FFI's OpenSSL functions that the session callbacks call (pyOpenSSL's, or the
+    ``ssl`` module's library in ``stdlib.py``), so both get the same callback bodies."""
 
+    ffi: Any
+    get_id: Any  # SSL_SESSION_get_id
+    get_timeout: Any  # SSL_SESSION_get_timeout
+    i2d: Any  # i2d_SSL_SESSION
+    d2i: Any  # d2i_SSL_SESSION
+    session_free: Any  # SSL_SESSION_free
+    clear_errors: Any  # ERR_clear_error
+
+
+def sid_reader(ffi: Any, get_id: Any) -> Callable[[Any], bytes]:
+    """``sid_of(session)``: the id of an ``SSL_SESSION *`` (``b""`` if it has none)."""
     null, new, buffer = ffi.NULL, ffi.new, ffi.buffer
     uint_p = ffi.typeof("unsigned int *")  # ctype objects: no string parsing per call
-    get_id = res.get("SSL_SESSION_get_id")
 
     def sid_of(sess: Any) -> bytes:
         length = new(uint_p)
@@ -241,6 +293,13 @@ def _sid_reader(res: Resolution) -> Callable[[Any], bytes]:
         return buffer(p, length[0])[:] if p != null else b""
 
     return sid_of
+
+
+def _sid_reader(res: Resolution) -> Callable[[Any], bytes]:
+    """:func:`sid_reader` on pyOpenSSL's FFI and the resolved ``SSL_SESSION_get_id``."""
+    from OpenSSL._util import ffi
+
+    return sid_reader(ffi, res.get("SSL_SESSION_get_id"))
 
 
 def _onerror(exc_type: Any, exc_value: Any, tb: Any) -> None:
@@ -270,45 +329,52 @@ def _interrupt_main() -> None:
         _thread.interrupt_main()
 
 
-def _make_callbacks(
-    res: Resolution,
+#: The three session callbacks as Python functions, before cffi wraps them.
+SessionFunctions = tuple[
+    Callable[[Any, Any], int],
+    Callable[[Any, Any, int, Any], Any],
+    Callable[[Any, Any], None],
+]
+
+
+def session_functions(
+    n: Natives,
     handler: SessionCallbacks,
     context: bytes,
-    owner: weakref.ref[SSL.Context],
-) -> _Installed:
-    """Build the three cffi callbacks for ``handler`` (closures keep the hot path lean).
+    *,
+    version: Callable[[Any], int] | None = None,
+    remember: Callable[[Any, SessionCallbacks, bytes, bytes], SSL.Connection | None] | None = None,
+    owner: weakref.ref[SSL.Context] | None = None,
+) -> SessionFunctions:
+    """The new/get/remove bodies for ``handler``, shared by both FFIs (closures, with every
+    name a local, keep the handshake path lean).
 
-    ``owner`` is the Context they are installed on, to tell when a connection was
-    switched to another one.
+    ``version``: ``SSL_version``, to tell ``on_get`` whether the handshake is TLS 1.3 (without
+    it ``on_get`` gets two arguments). ``remember(ssl, handler, context, sid)``: notes a
+    session a connection was issued or resumed, and returns its Connection. ``owner``: the
+    Context the callbacks are installed on, to tell when a connection was switched away.
     """
-    from OpenSSL._util import ffi, lib
-
-    lib = getattr(lib, "_original_lib", lib)
-    null = ffi.NULL
-    new = ffi.new
-    buffer = ffi.buffer
-    from_buffer = ffi.from_buffer
+    ffi = n.ffi
+    null, new, buffer, from_buffer = ffi.NULL, ffi.new, ffi.buffer, ffi.from_buffer
     uchar_a = ffi.typeof("unsigned char[]")
     uchar_pp = ffi.typeof("unsigned char **")
-    sid_of = _sid_reader(res)
-    get_timeout = res.get("SSL_SESSION_get_timeout")
-    i2d = res.get("i2d_SSL_SESSION")
-    d2i = res.get("d2i_SSL_SESSION")
-    session_free = lib.SSL_SESSION_free
-    clear_errors = lib.ERR_clear_error
+    sid_of = sid_reader(ffi, n.get_id)
+    get_timeout, i2d, d2i = n.get_timeout, n.i2d, n.d2i
+    session_free, clear_errors = n.session_free, n.clear_errors
     on_new, on_get, on_remove = handler.on_new, handler.on_get, handler.on_remove
-    ssl_version = lib.SSL_version  # the version is negotiated before any session lookup
+    tls13 = _TLS1_3_VERSION
 
     def new_cb(ssl: Any, sess: Any) -> int:
         try:
             sid = sid_of(sess)
             if not sid:
                 return 0  # stateless ticket or no id: nothing to look up later
-            conn = _remember(ssl, handler, context, sid)
-            if conn is not None:
-                ctx = owner()
-                if ctx is not None and conn._context is not ctx:
-                    _check_switch(conn, ctx, handler)
+            if remember is not None:
+                conn = remember(ssl, handler, context, sid)
+                if conn is not None and owner is not None:
+                    ctx = owner()
+                    if ctx is not None and conn._context is not ctx:
+                        _check_switch(conn, ctx, handler)
             size = i2d(sess, null)
             if size <= 0:
                 clear_errors()
@@ -324,11 +390,14 @@ def _make_callbacks(
     def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
         try:
             sid = buffer(data, length)[:]
-            der = on_get(context, sid, ssl_version(ssl) == _TLS1_3_VERSION)
+            if version is None:
+                der = on_get(context, sid)
+            else:
+                der = on_get(context, sid, version(ssl) == tls13)
             if der is None:
                 return null
-            buf = from_buffer(uchar_a, der)  # no copy; ``der`` outlives the call
-            sess = d2i(null, new(uchar_pp, buf), len(buf))
+            buf = from_buffer(uchar_a, der)  # no copy: d2i reads ``der`` in place
+            sess = d2i(null, new(uchar_pp, buf), len(der))
             if sess == null:
                 clear_errors()  # a stale error would fail the next SSL_get_error
                 _warn("d2i", f"stored session for {sid.hex()[:16]}... does not decode")
@@ -337,7 +406,8 @@ def _make_callbacks(
                 session_free(sess)
                 _warn("mismatch", f"stored session for {sid.hex()[:16]}... has another id")
                 return null
-            _remember(ssl, handler, context, sid)
+            if remember is not None:
+                remember(ssl, handler, context, sid)
             copy[0] = 0
             return sess
         except Exception as e:
@@ -352,6 +422,40 @@ def _make_callbacks(
         except Exception as e:
             _warn("remove", f"session cache on_remove failed: {describe_error(e)}")
 
+    return new_cb, get_cb, remove_cb
+
+
+def _make_callbacks(
+    res: Resolution,
+    handler: SessionCallbacks,
+    context: bytes,
+    owner: weakref.ref[SSL.Context],
+) -> _Installed:
+    """Build the three cffi callbacks for ``handler`` on pyOpenSSL's FFI.
+
+    ``owner`` is the Context they are installed on, to tell when a connection was
+    switched to another one.
+    """
+    from OpenSSL._util import ffi, lib
+
+    lib = getattr(lib, "_original_lib", lib)
+    natives = Natives(
+        ffi,
+        res.get("SSL_SESSION_get_id"),
+        res.get("SSL_SESSION_get_timeout"),
+        res.get("i2d_SSL_SESSION"),
+        res.get("d2i_SSL_SESSION"),
+        lib.SSL_SESSION_free,
+        lib.ERR_clear_error,
+    )
+    new_cb, get_cb, remove_cb = session_functions(
+        natives,
+        handler,
+        context,
+        version=lib.SSL_version,  # negotiated before any session lookup
+        remember=_remember,
+        owner=owner,
+    )
     return _Installed(
         handler,
         context,
@@ -416,13 +520,17 @@ class _AlertHook:
             if ids:
                 handler.on_fatal_alert(context, tuple(ids))
 
-        def info_cb(ssl: Any, where: int, ret: int) -> None:
+        mapping_get = _connection_of
+
+        def rare_event(ssl: Any, where: int, ret: int) -> None:
             if where & _CB_HANDSHAKE_START:
                 # Before the ClientHello, hence before any SNI switch: this Context is
-                # the connection's session context for good.
+                # the connection's session context for good. (The get callback also runs
+                # before the switch, but not in a full handshake, and the new callback
+                # runs after it.)
                 owner = self.owner
                 ctx = owner() if owner is not None else None
-                conn = _connection_of(ssl) if ctx is not None else None
+                conn = mapping_get(ssl) if ctx is not None else None
                 if conn is not None and ctx is not None:
                     _keep_session_context(conn, ctx)
             if where & _CB_ALERT and ret >> 8 == _AL_FATAL:
@@ -430,19 +538,37 @@ class _AlertHook:
                     fatal_alert(ssl, where)
                 except Exception as e:
                     _warn("alert", f"session cache on_fatal_alert failed: {describe_error(e)}")
+
+        # OpenSSL calls this some 16 times per handshake (every state change), and only
+        # HANDSHAKE_START and alerts concern us: the common case is one test on locals.
+        rare = _CB_HANDSHAKE_START | _CB_ALERT
+
+        def info_cb(ssl: Any, where: int, ret: int) -> None:
+            if where & rare:
+                rare_event(ssl, where, ret)
+
+        def chained_info_cb(ssl: Any, where: int, ret: int) -> None:
+            if where & rare:
+                rare_event(ssl, where, ret)
             previous = self.previous
             if previous is not None:
                 previous(ssl, where, ret)
 
-        self.callback = ffi.callback("void (*)(const SSL *, int, int)", info_cb, onerror=_onerror)
-        self._address = int(ffi.cast("uintptr_t", self.callback))
+        info_type = "void (*)(const SSL *, int, int)"
+        #: Registered while no other info callback is chained; ``chained`` after that.
+        self.callback = ffi.callback(info_type, info_cb, onerror=_onerror)
+        self.chained = ffi.callback(info_type, chained_info_cb, onerror=_onerror)
+        self._addresses = {int(ffi.cast("uintptr_t", c)) for c in (self.callback, self.chained)}
 
     def take_over(self, raw: Any) -> None:
         """Register ours on ``raw`` (an ``SSL_CTX *``), chaining whatever was registered."""
         current = self._get_info(raw)
-        if current != self._ffi.NULL and int(self._ffi.cast("uintptr_t", current)) != self._address:
+        if (
+            current != self._ffi.NULL
+            and int(self._ffi.cast("uintptr_t", current)) not in self._addresses
+        ):
             self.previous = current
-        self._set_info(raw, self.callback)
+        self._set_info(raw, self.callback if self.previous is None else self.chained)
 
 
 @dataclass

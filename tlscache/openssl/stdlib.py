@@ -28,12 +28,13 @@ Why a second function table: ``_ssl`` links the system's shared libssl (Debian's
 the OpenSSL built into the ``cryptography`` wheel that pyOpenSSL uses; the two have different
 functions and structure layouts. Everything here goes through its own ``cffi.FFI`` with
 opaque types, so a pointer of one library can never be passed to the other by mistake
-(pyOpenSSL's cdata are of another ``FFI``; cffi refuses to mix them). The callbacks are
-written here rather than shared with ``callbacks.py`` for the same reason: those call
-pyOpenSSL's ``SSL_SESSION_free``/``ERR_clear_error`` and map ``SSL *`` to pyOpenSSL
-``Connection`` objects; the rules they follow are the same (no exception reaches OpenSSL,
-``get`` returns a fresh ``d2i`` with ``*copy = 0``, callbacks live as long as the context and
-are unregistered when it dies).
+(pyOpenSSL's cdata are of another ``FFI``; cffi refuses to mix them). The new/get/remove
+callback bodies are ``callbacks.py``'s (:func:`~tlscache.openssl.callbacks.session_functions`),
+given this module's FFI and functions instead of pyOpenSSL's and without the per-connection
+bookkeeping, which needs pyOpenSSL ``Connection`` objects; so the rules are the same (no
+exception reaches OpenSSL, ``get`` returns a fresh ``d2i`` with ``*copy = 0``). The info
+callback is this module's: a fatal alert reports the connection's current session. Callbacks
+live as long as the context and are unregistered when it dies.
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ import cffi  # type: ignore[import-untyped,unused-ignore]
 from tlscache.exceptions import ConfigurationError, ResolverError, describe_error
 from tlscache.openssl.callbacks import (
     DEFAULT_SESSION_ID_CONTEXT,
+    Natives,
     SessionCallbacks,
     _onerror,
     _warn,
+    session_functions,
+    sid_reader,
 )
 from tlscache.openssl.resolver import _Mapping, _read_maps
 
@@ -460,72 +464,23 @@ class _State:
 
 
 def _make_callbacks(res: StdlibResolution, handler: SessionCallbacks, context: bytes) -> _Callbacks:
-    """The new/get/remove/info callbacks for ``handler`` (closures keep the hot path lean)."""
-    null, new, buffer, from_buffer = _ffi.NULL, _ffi.new, _ffi.buffer, _ffi.from_buffer
-    uchar_a = _ffi.typeof("unsigned char[]")
-    uchar_pp = _ffi.typeof("unsigned char **")
-    uint_p = _ffi.typeof("unsigned int *")
-    get_id, get_timeout = res["SSL_SESSION_get_id"], res["SSL_SESSION_get_timeout"]
-    i2d, d2i, session_free = res["i2d_SSL_SESSION"], res["d2i_SSL_SESSION"], res["SSL_SESSION_free"]
-    clear_errors, peek_last_error = res["ERR_clear_error"], res["ERR_peek_last_error"]
-    get_session = res["SSL_get_session"]
-    on_new, on_get, on_remove = handler.on_new, handler.on_get, handler.on_remove
+    """The new/get/remove/info callbacks for ``handler`` on this module's FFI."""
+    natives = Natives(
+        _ffi,
+        res["SSL_SESSION_get_id"],
+        res["SSL_SESSION_get_timeout"],
+        res["i2d_SSL_SESSION"],
+        res["d2i_SSL_SESSION"],
+        res["SSL_SESSION_free"],
+        res["ERR_clear_error"],
+    )
+    new_cb, get_cb, remove_cb = session_functions(natives, handler, context)
+    null = _ffi.NULL
+    sid_of = sid_reader(_ffi, res["SSL_SESSION_get_id"])
+    peek_last_error, get_session = res["ERR_peek_last_error"], res["SSL_get_session"]
+    alert = _CB_ALERT
 
-    def sid_of(sess: Any) -> bytes:
-        length = new(uint_p)
-        p = get_id(sess, length)
-        return buffer(p, length[0])[:] if p != null else b""
-
-    def new_cb(ssl_: Any, sess: Any) -> int:
-        try:
-            sid = sid_of(sess)
-            if not sid:
-                return 0  # a stateless ticket: nothing to look up later
-            size = i2d(sess, null)
-            if size <= 0:
-                clear_errors()
-                _warn("i2d", "i2d_SSL_SESSION failed; session not stored")
-                return 0
-            buf = new(uchar_a, size)
-            i2d(sess, new(uchar_pp, buf))
-            on_new(context, sid, buffer(buf, size)[:], int(get_timeout(sess)))
-        except Exception as e:
-            _warn("new", f"session cache on_new failed: {describe_error(e)}")
-        return 0
-
-    def get_cb(ssl_: Any, data: Any, length: int, copy: Any) -> Any:
-        try:
-            sid = buffer(data, length)[:]
-            der = on_get(context, sid)
-            if der is None:
-                return null
-            buf = from_buffer(uchar_a, der)
-            sess = d2i(null, new(uchar_pp, buf), len(buf))
-            if sess == null:
-                clear_errors()  # a stale error would fail the next SSL_get_error
-                _warn("d2i", f"stored session for {sid.hex()[:16]}... does not decode")
-                return null
-            if sid_of(sess) != sid:
-                session_free(sess)
-                _warn("mismatch", f"stored session for {sid.hex()[:16]}... has another id")
-                return null
-            copy[0] = 0
-            return sess
-        except Exception as e:
-            _warn("get", f"session cache on_get failed: {describe_error(e)}")
-            return null
-
-    def remove_cb(ctx: Any, sess: Any) -> None:
-        try:
-            sid = sid_of(sess)
-            if sid:
-                on_remove(context, sid)
-        except Exception as e:
-            _warn("remove", f"session cache on_remove failed: {describe_error(e)}")
-
-    def info_cb(ssl_: Any, where: int, ret: int) -> None:
-        if not (where & _CB_ALERT and ret >> 8 == _AL_FATAL):
-            return
+    def fatal_alert(ssl_: Any, where: int) -> None:
         try:
             err = int(peek_last_error())
             if (
@@ -540,6 +495,11 @@ def _make_callbacks(res: StdlibResolution, handler: SessionCallbacks, context: b
                 handler.on_fatal_alert(context, (sid,))
         except Exception as e:
             _warn("alert", f"session cache on_fatal_alert failed: {describe_error(e)}")
+
+    def info_cb(ssl_: Any, where: int, ret: int) -> None:
+        # Some 16 calls per handshake, nearly all state changes: one test on locals.
+        if where & alert and ret >> 8 == _AL_FATAL:
+            fatal_alert(ssl_, where)
 
     return _Callbacks(
         handler,
