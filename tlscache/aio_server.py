@@ -13,15 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 from OpenSSL import SSL
 
+from tlscache.exceptions import describe_error
+from tlscache.lograte import RateLimitedLog
 from tlscache.openssl.clienthello import NonblockingResumption
 
 __all__ = ["TLSStream", "serve"]
 
+#: Failed handshakes and connections: one warning per kind per 10 s (a peer can cause them).
+_log_failure = RateLimitedLog(logger=logging.getLogger(__name__))
+
 _CHUNK = 65536
+
+
+def _reason(exc: BaseException) -> str:
+    """OpenSSL's reasons for an ``SSL.Error`` (library texts, nothing the peer sent), else
+    the exception's type and place."""
+    errors = exc.args[0] if isinstance(exc, SSL.Error) and exc.args else None
+    if isinstance(errors, list) and errors and all(isinstance(e, tuple) for e in errors):
+        return "; ".join(str(e[-1]) for e in errors)
+    return describe_error(exc)
 
 
 class TLSStream:
@@ -134,9 +149,14 @@ async def serve(
         stream = TLSStream(ctx, reader, writer, resumption)
         try:
             await stream.handshake()
+        except (SSL.Error, OSError) as exc:
+            _log_failure("handshake", f"TLS handshake failed: {_reason(exc)}")
+            await stream.close()
+            return
+        try:
             await handle(stream)
-        except (SSL.Error, OSError):
-            pass
+        except (SSL.Error, OSError) as exc:
+            _log_failure("connection", f"TLS connection failed: {_reason(exc)}")
         finally:
             await stream.close()
 

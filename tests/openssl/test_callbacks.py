@@ -33,8 +33,8 @@ from OpenSSL._util import lib
 from packaging.version import Version
 
 from tlscache.exceptions import ConfigurationError
+from tlscache.lograte import RateLimitedLog
 from tlscache.openssl.callbacks import (
-    _RateLimitedLog,
     default_session_id_context,
     install_callbacks,
     session_id,
@@ -688,7 +688,7 @@ def test_default_session_id_context_is_stable_across_processes(
 
 
 def test_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
-    limiter = _RateLimitedLog(interval=60.0)
+    limiter = RateLimitedLog(interval=60.0, logger=logging.getLogger("tlscache.openssl.callbacks"))
     with caplog.at_level(logging.WARNING, logger="tlscache.openssl.callbacks"):
         for _ in range(5):
             limiter("get", "store down")

@@ -35,7 +35,6 @@ import logging
 import signal
 import struct
 import threading
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from OpenSSL import SSL
 
 from tlscache.exceptions import ConfigurationError, describe_error
+from tlscache.lograte import RateLimitedLog
 from tlscache.openssl.resolver import Resolution, resolve
 
 __all__ = [
@@ -97,29 +97,7 @@ class SessionCallbacks(Protocol):
     def on_fatal_alert(self, context: bytes, session_ids: Sequence[bytes]) -> None: ...
 
 
-class _RateLimitedLog:
-    """At most one log record per ``interval`` seconds per kind; counts what it drops."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._next: dict[str, float] = {}
-        self._dropped: dict[str, int] = {}
-
-    def __call__(self, kind: str, msg: str, exc: BaseException | None = None) -> None:
-        try:
-            now = time.monotonic()
-            if now < self._next.get(kind, 0.0):
-                self._dropped[kind] = self._dropped.get(kind, 0) + 1
-                return
-            self._next[kind] = now + self.interval
-            dropped = self._dropped.pop(kind, 0)
-            suffix = f" ({dropped} similar suppressed)" if dropped else ""
-            log.warning("%s%s", msg, suffix, exc_info=exc)
-        except Exception:  # logging must never break a handshake
-            pass
-
-
-_warn = _RateLimitedLog()
+_warn = RateLimitedLog(logger=log)
 
 
 # --------------------------------------------------------------------------- per connection
