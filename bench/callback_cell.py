@@ -13,7 +13,6 @@ benchmarks, so that it runs against another copy of the library (``PYTHONPATH``)
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import trustme
 from OpenSSL import SSL
 
 from tlscache import MemoryStore, SessionCache
+from tlscache_farm.tlsclient import handshake_over_memory
 
 CONTEXT = b"tlscache-bench"
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -51,48 +51,6 @@ def server_context(config: str, keys: Path | None) -> SSL.Context:
     return ctx
 
 
-def handshake(
-    server: SSL.Context, client: SSL.Context, session: SSL.Session | None
-) -> tuple[bool, SSL.Session]:
-    """One connection, both ends here: whether the server resumed, and the client's session."""
-    from OpenSSL._util import lib
-
-    s = SSL.Connection(server, None)
-    s.set_accept_state()
-    c = SSL.Connection(client, None)
-    c.set_connect_state()
-    if session is not None:
-        c.set_session(session)
-    done = [False, False]
-    for _ in range(20):
-        for i, conn in enumerate((c, s)):
-            if not done[i]:
-                try:
-                    conn.do_handshake()
-                    done[i] = True
-                except SSL.WantReadError:
-                    pass
-        for src, dst in ((c, s), (s, c)):
-            with contextlib.suppress(SSL.WantReadError):
-                dst.bio_write(src.bio_read(65536))
-        if all(done):
-            break
-    if not all(done):
-        raise AssertionError("handshake did not complete")
-    s.send(b"x")  # carries the TLS 1.3 tickets
-    c.bio_write(s.bio_read(65536))
-    if c.recv(1) != b"x":
-        raise AssertionError("no byte from the server")
-    reused = bool(lib.SSL_session_reused(s._ssl))
-    new_session = c.get_session()
-    if new_session is None:
-        raise AssertionError("the client has no session")
-    for conn in (c, s):
-        with contextlib.suppress(SSL.Error):
-            conn.shutdown()
-    return reused, new_session
-
-
 def main(argv: list[str]) -> int:
     config, version, n_text, keys_text = argv
     if config not in _CONFIGS or version not in _VERSIONS:
@@ -102,9 +60,9 @@ def main(argv: list[str]) -> int:
     client = SSL.Context(SSL.TLS_CLIENT_METHOD)
     client.set_min_proto_version(_VERSIONS[version])
     client.set_max_proto_version(_VERSIONS[version])
-    _, session = handshake(server, client, None)
+    _, session = handshake_over_memory(server, client, None)
     for i in range(20 + int(n_text)):  # 20 to warm up: the same in every run
-        reused, session = handshake(server, client, session)
+        reused, session = handshake_over_memory(server, client, session)
         if not reused:
             raise AssertionError(f"handshake {i} did not resume ({config}, TLS {version})")
     return 0

@@ -6,7 +6,10 @@ are re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ __all__ = [
     "handshake_over_memory",
     "pump",
     "s_client",
+    "ssl_connect",
     "write_certs",
 ]
 
@@ -69,3 +73,20 @@ def s_client(
     ]
     done = subprocess.run(argv, input=request, capture_output=True, timeout=timeout, check=False)
     return done.stdout.decode(errors="replace")
+
+
+def ssl_connect(
+    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
+) -> tuple[bytes, ssl.SSLSession, bool]:
+    """One Python ``ssl`` connection to ``localhost`` at ``127.0.0.1:port``: (the server's
+    first line, the session, whether the client saw reuse); clean shutdown."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
+    ):
+        line = s.recv(200)
+        sess, reused = s.session, s.session_reused
+        assert sess is not None
+        with contextlib.suppress(OSError, ssl.SSLError):
+            s.unwrap()
+    return line, sess, bool(reused)

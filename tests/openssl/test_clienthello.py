@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import struct
 import threading
@@ -25,7 +24,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib
 
 from tests.procs import free_port, running, tool
-from tests.tlsutil import client_context, handshake_over_memory
+from tests.tlsutil import client_context, handshake_over_memory, ssl_connect
 from tlscache import Deadline, MemoryStore, SessionCache, SessionStore, WrappingStore
 from tlscache.aio_server import TLSStream, serve
 from tlscache.exceptions import StoreError, StoreTimeout
@@ -142,17 +141,7 @@ class Clients:
         self, port: int, version: str, session: ssl.SSLSession | None = None
     ) -> tuple[bytes, ssl.SSLSession, bool]:
         """One connection: (the server's line, the session, whether the client saw reuse)."""
-        ctx = self.contexts[version]
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
-            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
-        ):
-            line = s.recv(200)
-            sess, reused = s.session, s.session_reused
-            assert sess is not None
-            with contextlib.suppress(OSError, ssl.SSLError):
-                s.unwrap()
-        return line, sess, bool(reused)
+        return ssl_connect(self.contexts[version], port, session)
 
 
 async def report(stream: TLSStream) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from OpenSSL import SSL
 
 from tests.procs import free_port, running, tool
 from tests.tlsutil import client_context, handshake_over_memory
+from tests.tlsutil import ssl_connect as connect
 from tlscache import Deadline, DistcacheStore, MemoryStore, SessionCache
 from tlscache.aio_server import TLSStream, serve
 from tlscache.exceptions import ConfigurationError
@@ -95,22 +95,6 @@ def client(ca: trustme.CA, version: str) -> ssl.SSLContext:
     ca.configure_trust(c)
     c.minimum_version = c.maximum_version = VERSIONS[version]
     return c
-
-
-def connect(
-    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None
-) -> tuple[bytes, ssl.SSLSession, bool]:
-    """One connection: (the server's line, the session, whether the client saw reuse)."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
-    ):
-        line = s.recv(200)
-        sess, reused = s.session, s.session_reused
-        assert sess is not None
-        with contextlib.suppress(OSError, ssl.SSLError):
-            s.unwrap()
-    return line, sess, bool(reused)
 
 
 async def report(stream: TLSStream) -> None:
