@@ -49,8 +49,11 @@ from tlscache.openssl.resolver import Resolution, resolve
 __all__ = [
     "DEFAULT_SESSION_ID_CONTEXT",
     "SessionCallbacks",
+    "connection_of",
     "default_session_id_context",
     "install_callbacks",
+    "installed_get_callback",
+    "on_callback_error",
     "session_id",
 ]
 
@@ -803,3 +806,18 @@ def session_id(conn: SSL.Connection) -> bytes | None:
         return bytes(ffi.buffer(p, length[0])) if p != ffi.NULL else b""
     finally:
         lib.SSL_SESSION_free(sess)
+
+
+def installed_get_callback(ctx: SSL.Context) -> Any:
+    """The get-session callback :func:`install_callbacks` last registered on ``ctx`` (a cffi
+    callback), for a layer that answers some lookups itself and hands the rest on."""
+    state: _State | None = getattr(ctx, _ATTR, None)
+    if state is None or not state.installed:
+        raise ConfigurationError("no session callbacks are installed on this Context")
+    return state.installed[-1].get_cb
+
+
+#: The pyOpenSSL Connection of an ``SSL *`` (``None`` if pyOpenSSL did not make it).
+connection_of = _connection_of
+#: ``onerror`` for cffi callbacks into OpenSSL: what escapes a callback's own handling.
+on_callback_error = _onerror

@@ -44,12 +44,11 @@ from OpenSSL import SSL
 
 from tlscache.exceptions import ConfigurationError, describe_error
 from tlscache.openssl.callbacks import (
-    _ATTR,
     SessionCallbacks,
-    _connection_of,
-    _onerror,
-    _State,
+    connection_of,
     install_callbacks,
+    installed_get_callback,
+    on_callback_error,
 )
 from tlscache.openssl.resolver import resolve
 
@@ -327,8 +326,7 @@ class NonblockingResumption:
             stateful_tls13_tickets=self.cache.stateful_tls13_tickets,
             num_tickets=self.cache.num_tickets,
         )
-        state: _State = getattr(ctx, _ATTR)
-        original_get = state.installed[-1].get_cb
+        original_get = installed_get_callback(ctx)
 
         from OpenSSL._util import ffi, lib
 
@@ -373,7 +371,7 @@ class NonblockingResumption:
 
         def hello_cb(ssl: Any, al: Any, arg: Any) -> int:
             try:
-                conn = _connection_of(ssl)
+                conn = connection_of(ssl)
                 if conn is None:
                     return _CLIENT_HELLO_SUCCESS
                 with _prefetches_lock:
@@ -404,7 +402,7 @@ class NonblockingResumption:
         def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
             try:
                 sid = buffer(data, length)[:]
-                conn = _connection_of(ssl)
+                conn = connection_of(ssl)
                 with _prefetches_lock:
                     known = _prefetches.get(conn) if conn is not None else None
                 future = known.future if known is not None else None
@@ -427,9 +425,13 @@ class NonblockingResumption:
                 log.warning("non-blocking get callback failed: %s", describe_error(e))
                 return null
 
-        hello = ffi.callback("int (*)(SSL *, int *, void *)", hello_cb, error=1, onerror=_onerror)
+        hello = ffi.callback(
+            "int (*)(SSL *, int *, void *)", hello_cb, error=1, onerror=on_callback_error
+        )
         get = ffi.callback(
-            "SSL_SESSION *(*)(SSL *, const unsigned char *, int, int *)", get_cb, onerror=_onerror
+            "SSL_SESSION *(*)(SSL *, const unsigned char *, int, int *)",
+            get_cb,
+            onerror=on_callback_error,
         )
         keep: list[Any] | None = getattr(ctx, _ATTR_NB, None)
         if keep is None:
