@@ -34,6 +34,7 @@ from packaging.version import Version
 
 from tlscache.exceptions import ConfigurationError
 from tlscache.lograte import RateLimitedLog
+from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import (
     default_session_id_context,
     install_callbacks,
@@ -400,20 +401,23 @@ def test_callbacks_survive_gc(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
 def test_context_is_collected_and_callbacks_unregistered(
     ca: trustme.CA, leaf: trustme.LeafCert
 ) -> None:
-    """A handler that refers back to its Context does not keep it alive forever."""
+    """The callbacks live as long as the SSL_CTX: dropped when OpenSSL frees it.
 
-    class CyclicHandler(DictHandler):
-        ctx: SSL.Context | None = None
-
-    h = CyclicHandler()
+    (A handler must not refer to its Context: the callbacks hold the handler until the
+    SSL_CTX is freed, which that reference would prevent.)
+    """
+    h = DictHandler()
     sctx = server_context(leaf)
-    h.ctx = sctx
+    before = len(callbacks._registry)
     install_callbacks(sctx, h)
+    assert len(callbacks._registry) == before + 1
     handshake(sctx, client_context(ca, TLS12))
-    ref = weakref.ref(sctx)
+    ref, href = weakref.ref(sctx), weakref.ref(h)
     del sctx, h
     gc.collect()
     assert ref() is None
+    assert len(callbacks._registry) == before, callbacks._registry
+    assert href() is None, "the handler outlived the SSL_CTX"
 
 
 def test_unclean_close_calls_remove(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
@@ -735,6 +739,7 @@ import gc, ssl, sys, weakref
 sys.path.insert(0, sys.argv[1])
 from OpenSSL import SSL
 from tests.openssl.test_callbacks import DictHandler, client_context, server_context, TLS12
+from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import install_callbacks
 import trustme
 
@@ -766,18 +771,19 @@ def pump():
 pump()  # ClientHello -> servername callback -> the Connection now uses b
 assert conn.get_context() is b
 ref = weakref.ref(a)
+registered = len(callbacks._registry)
 del a  # pyOpenSSL's Connection no longer refers to it; its SSL uses it as session context
 gc.collect()
-assert ref() is not None, "the Connection does not keep its session Context alive"
+assert ref() is None, "the Context outlives its last reference"
+assert len(callbacks._registry) == registered, "the SSL_CTX's callbacks went with the Context"
 for _ in range(20):
     pump()
 del conn  # freed without shutdown: OpenSSL calls remove on the session context
 gc.collect()
-assert ref() is None, "Context still alive after its last Connection"
+assert len(callbacks._registry) == registered - 1, "callbacks kept after the SSL_CTX was freed"
 new, removes = len(h.new), len(h.removes)
 
-# A Connection with its own info callback hides the handshake from the Context's hook:
-# then the Context can die before its SSL_CTX, and its callbacks are unregistered first.
+# A Connection with its own info callback: nothing of ours depends on info callbacks.
 a = server_context(leaf)
 a.set_tlsext_servername_callback(lambda conn: conn.set_context(b))
 install_callbacks(a, h)
@@ -802,9 +808,9 @@ print("ok", new, removes, len(h.new) - new, len(h.removes) - removes)
 
 @pytest.mark.integration
 def test_context_dies_before_its_ssl_ctx() -> None:
-    """SNI switching: the initial Context, whose callbacks OpenSSL keeps calling, lives as
-    long as its Connection (sessions stored, remove seen); a Context that dies before its
-    SSL_CTX anyway has its callbacks unregistered first (no crash, nothing called)."""
+    """SNI switching: the initial Context dies at once, while its SSL_CTX, whose callbacks
+    OpenSSL keeps calling, lives as long as its Connection (sessions stored, remove seen);
+    the callbacks go when the SSL_CTX is freed. Also with a per-Connection info callback."""
     root = str(Path(__file__).resolve().parents[2])
     proc = subprocess.run(
         [sys.executable, "-c", _SNI_SCRIPT, root],
@@ -814,7 +820,7 @@ def test_context_dies_before_its_ssl_ctx() -> None:
         cwd=root,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["ok", "1", "1", "0", "0"]
+    assert proc.stdout.split() == ["ok", "1", "1", "1", "1"], proc.stdout
 
 
 class ExitingHandler:

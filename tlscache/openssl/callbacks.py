@@ -9,17 +9,23 @@ Rules the glue enforces, each learnt the hard way:
 * No exception ever reaches OpenSSL: a failing handler is a cache miss, logged (rate-limited)
   by type and source line only: an exception's message may hold session bytes.
 * ``get`` returns a fresh ``d2i`` session with ``*copy = 0``: OpenSSL owns that reference.
-* The cffi callback objects live as long as the ``Context``; when the ``Context`` dies the
-  callbacks are first unregistered from the ``SSL_CTX``, which may outlive it (an ``SSL``
-  switched to another context by SNI keeps the original as its session context, and only
-  that context's session callbacks ever run for it). So that SNI switching does not
-  silently stop sessions being stored, every ``Connection`` keeps the ``Context`` it was
-  made from alive from the start of its handshake, and a cache installed on a Context
-  that connections are only switched to is reported (once) as never used.
+* The cffi callback objects live as long as the ``SSL_CTX``, not the Python ``Context``:
+  an ``SSL`` switched to another context by SNI keeps the original as its session context
+  (only that context's session callbacks ever run for it) and keeps its ``SSL_CTX`` alive
+  after pyOpenSSL dropped the ``Context``. They are kept in a module registry under the
+  ``SSL_CTX``'s address and dropped by the free callback of an ``SSL_CTX`` ex-data index,
+  which OpenSSL calls when the ``SSL_CTX`` is really freed, after every ``SSL`` using it.
+  A cache installed on a Context that connections are only switched to is reported (once)
+  as never used.
 * ``new`` returns 0: we keep no reference to the session.
 * A fatal alert, sent or received, reports every session the connection used or was issued
   (``on_fatal_alert``): the store is untrusted, so a session whose connection failed must not
-  be offered again. A connection closed without close_notify is not an alert.
+  be offered again. OpenSSL tells us through the remove callback, which it calls for a fatal
+  alert with the alert's error on the thread's error queue; a remove without an error (an
+  ``SSL`` freed without a clean shutdown, an expired session) or with the unexpected-EOF
+  error (a connection closed without close_notify) is an ordinary ``on_remove``. No info
+  callback is registered: OpenSSL calls one at every state change, some 16 times per
+  handshake, and each call would enter Python.
 
 pyOpenSSL's private ``Context._context`` / ``Connection._ssl`` cdata are used because the public
 API offers no access to the ``SSL_CTX`` / ``SSL`` pointers, and ``Connection._reverse_mapping``
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import _thread
 import functools
+import gc
 import hashlib
 import logging
 import signal
@@ -37,10 +44,11 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
 
 from tlscache.exceptions import ConfigurationError, describe_error
 from tlscache.lograte import RateLimitedLog
@@ -62,15 +70,9 @@ log = logging.getLogger(__name__)
 _SESS_CACHE_SERVER = 0x0002
 _SESS_CACHE_NO_INTERNAL = 0x0300
 _MAX_SID_CTX_LENGTH = 32  # SSL_MAX_SID_CTX_LENGTH
-_CB_WRITE = 0x08  # SSL_CB_WRITE
-_CB_HANDSHAKE_START = 0x10  # SSL_CB_HANDSHAKE_START
-_CB_ALERT = 0x4000  # SSL_CB_ALERT
-_AL_FATAL = 2  # SSL3_AL_FATAL: the level is the high byte of the info callback's ``ret``
+_EX_INDEX_SSL_CTX = 1  # CRYPTO_EX_INDEX_SSL_CTX
 _MAX_IDS_PER_CONNECTION = 16
 _REDELIVERY_DELAY_S = 0.01
-_ATTR = "_tlscache_session_callbacks"
-#: The attribute by which a Connection keeps alive the Context whose session callbacks it uses.
-_SESSION_CONTEXT_ATTR = "_tlscache_session_context"
 
 #: Version label of the default session id context, a sha256 over this label, the server
 #: certificate (DER), the accepted client CA names (DER, sorted) and the verify mode. Servers
@@ -109,7 +111,7 @@ _warn = RateLimitedLog(logger=log)
 class _Record:
     """What one connection was given: the ids, and who to tell if it fails."""
 
-    __slots__ = ("context", "handler", "ids")
+    __slots__ = ("__weakref__", "context", "handler", "ids")
 
     def __init__(self, handler: SessionCallbacks, context: bytes, ids: list[bytes]) -> None:
         self.handler = handler
@@ -122,6 +124,16 @@ class _Record:
 #: callbacks run there), so no lock is needed; at most _MAX_IDS_PER_CONNECTION ids (the
 #: newest) are kept.
 _RECORD_ATTR = "_tlscache_record"
+
+#: Session id -> the record of the connection that was issued or last resumed it. The remove
+#: callback OpenSSL calls for a fatal alert names a session, not a connection: this finds the
+#: other ids of that connection. Weak values: an entry lives exactly as long as its
+#: connection (whose ``__dict__`` holds the record), so the index is bounded by the live
+#: connections times _MAX_IDS_PER_CONNECTION and needs no cleaning. A TLS 1.2 session resumed
+#: by several connections at once maps to the latest of them; its other ids, if any, are
+#: then deleted too (erring towards deleting is safe: a miss costs a full handshake).
+_by_sid: weakref.WeakValueDictionary[bytes, _Record] = weakref.WeakValueDictionary()
+_index = _by_sid.__setitem__
 
 # pyOpenSSL's map from ``SSL *`` to its Connection, a WeakValueDictionary made once with the
 # class. Its dict of weak references is read directly: WeakValueDictionary.get is Python code,
@@ -153,7 +165,8 @@ def _remember(
         return None
     rec: _Record | None = conn.__dict__.get(_RECORD_ATTR)
     if rec is None:
-        conn.__dict__[_RECORD_ATTR] = _Record(handler, context, [sid])
+        rec = conn.__dict__[_RECORD_ATTR] = _Record(handler, context, [sid])
+        _index(sid, rec)
         return conn
     rec.handler = handler
     rec.context = context
@@ -162,7 +175,23 @@ def _remember(
         ids.append(sid)
         if len(ids) > _MAX_IDS_PER_CONNECTION:
             del ids[0]
+    _index(sid, rec)
     return conn
+
+
+def _take_ids(sid: bytes) -> list[bytes]:
+    """``sid`` and every other id of the connection it was issued to or resumed by; those
+    ids are forgotten (a failed connection is reported once)."""
+    rec = _by_sid.get(sid)
+    if rec is None:
+        return [sid]
+    ids, rec.ids = rec.ids, []
+    for other in ids:
+        if _by_sid.get(other) is rec:
+            _by_sid.pop(other, None)
+    if sid not in ids:
+        ids.append(sid)
+    return ids
 
 
 class _Records:
@@ -195,29 +224,14 @@ _records = _Records()
 _warned_switch_targets: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
 
 
-def _keep_session_context(conn: SSL.Connection, ctx: SSL.Context) -> None:
-    """Make ``conn`` keep alive ``ctx``, the Context whose session callbacks it will use.
-
-    OpenSSL runs the session callbacks of the Context an ``SSL`` was made from (its
-    session context) for its whole life, even after an SNI callback switched it to
-    another Context (``Connection.set_context``), and pyOpenSSL then drops its own
-    reference to the first one. Without this reference, dropping that Context would
-    unregister the callbacks while its connections still need them, and their sessions
-    would silently never be stored.
-    """
-    attrs = getattr(conn, "__dict__", None)  # None: a Connection without __dict__
-    if attrs is not None:
-        attrs.setdefault(_SESSION_CONTEXT_ATTR, ctx)  # the first one stays
-
-
 def _check_switch(conn: SSL.Connection, owner: SSL.Context, handler: SessionCallbacks) -> None:
     """Warn (once per Context) when ``conn`` was switched to a Context whose own session
     cache is therefore never used: only ``owner``'s callbacks see this connection."""
     current = getattr(conn, "_context", None)
     if current is None or current is owner or current in _warned_switch_targets:
         return
-    state: _State | None = getattr(current, _ATTR, None)
-    if state is None or state.hook.handler is handler:
+    state = _registry.get(_address_of(current._context))
+    if state is None or not state.installed or state.installed[-1].handler is handler:
         return
     _warned_switch_targets.add(current)
     log.warning(
@@ -226,14 +240,6 @@ def _check_switch(conn: SSL.Connection, owner: SSL.Context, handler: SessionCall
         "of the Context a connection was made from, so that cache is never used for "
         "its sessions: install the same cache on the Context connections are made from"
     )
-
-
-def _forget(ssl: Any) -> _Record | None:
-    conn = _connection_of(ssl)
-    if conn is None:
-        return None
-    rec: _Record | None = conn.__dict__.pop(_RECORD_ATTR, None)
-    return rec
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -261,6 +267,10 @@ class Natives(NamedTuple):
     d2i: Any  # d2i_SSL_SESSION
     session_free: Any  # SSL_SESSION_free
     clear_errors: Any  # ERR_clear_error
+    #: ``ERR_peek_last_error``; without it every remove is an ordinary ``on_remove``.
+    peek_error: Any = None
+    #: Whether a packed error code is OpenSSL's "unexpected EOF while reading".
+    is_eof: Callable[[int], bool] | None = None
 
 
 def sid_reader(ffi: Any, get_id: Any) -> Callable[[Any], bytes]:
@@ -274,13 +284,6 @@ def sid_reader(ffi: Any, get_id: Any) -> Callable[[Any], bytes]:
         return buffer(p, length[0])[:] if p != null else b""
 
     return sid_of
-
-
-def _sid_reader(res: Resolution) -> Callable[[Any], bytes]:
-    """:func:`sid_reader` on pyOpenSSL's FFI and the resolved ``SSL_SESSION_get_id``."""
-    from OpenSSL._util import ffi
-
-    return sid_reader(ffi, res.get("SSL_SESSION_get_id"))
 
 
 def _onerror(exc_type: Any, exc_value: Any, tb: Any) -> None:
@@ -326,6 +329,7 @@ def session_functions(
     version: Callable[[Any], int] | None = None,
     remember: Callable[[Any, SessionCallbacks, bytes, bytes], SSL.Connection | None] | None = None,
     owner: weakref.ref[SSL.Context] | None = None,
+    take_ids: Callable[[bytes], Sequence[bytes]] | None = None,
 ) -> SessionFunctions:
     """The new/get/remove bodies for ``handler``, shared by both FFIs (closures, with every
     name a local, keep the handshake path lean).
@@ -334,6 +338,12 @@ def session_functions(
     it ``on_get`` gets two arguments). ``remember(ssl, handler, context, sid)``: notes a
     session a connection was issued or resumed, and returns its Connection. ``owner``: the
     Context the callbacks are installed on, to tell when a connection was switched away.
+    ``take_ids(sid)``: every id of the connection ``sid`` belongs to, for a fatal alert
+    (without it only ``sid`` is reported).
+
+    A remove with an error other than unexpected EOF on the thread's error queue is a fatal
+    alert (OpenSSL removes the session right after queueing the alert's error): it goes to
+    ``on_fatal_alert``; any other remove to ``on_remove``. The queue is only peeked.
     """
     ffi = n.ffi
     null, new, buffer, from_buffer = ffi.NULL, ffi.new, ffi.buffer, ffi.from_buffer
@@ -343,6 +353,8 @@ def session_functions(
     get_timeout, i2d, d2i = n.get_timeout, n.i2d, n.d2i
     session_free, clear_errors = n.session_free, n.clear_errors
     on_new, on_get, on_remove = handler.on_new, handler.on_get, handler.on_remove
+    on_fatal_alert = handler.on_fatal_alert
+    peek_error, is_eof = n.peek_error, n.is_eof
     tls13 = _TLS1_3_VERSION
 
     def new_cb(ssl: Any, sess: Any) -> int:
@@ -398,7 +410,13 @@ def session_functions(
     def remove_cb(ctx: Any, sess: Any) -> None:
         try:
             sid = sid_of(sess)
-            if sid:
+            if not sid:
+                return
+            err = 0 if peek_error is None else int(peek_error())
+            if err and (is_eof is None or not is_eof(err)):
+                ids = (sid,) if take_ids is None else tuple(take_ids(sid))
+                on_fatal_alert(context, ids)
+            else:
                 on_remove(context, sid)
         except Exception as e:
             _warn("remove", f"session cache on_remove failed: {describe_error(e)}")
@@ -428,6 +446,8 @@ def _make_callbacks(
         res.get("d2i_SSL_SESSION"),
         lib.SSL_SESSION_free,
         lib.ERR_clear_error,
+        res.get("ERR_peek_last_error"),
+        _eof_test(lib),
     )
     new_cb, get_cb, remove_cb = session_functions(
         natives,
@@ -436,6 +456,7 @@ def _make_callbacks(
         version=lib.SSL_version,  # negotiated before any session lookup
         remember=_remember,
         owner=owner,
+        take_ids=_take_ids,
     )
     return _Installed(
         handler,
@@ -450,151 +471,93 @@ def _make_callbacks(
     )
 
 
-class _AlertHook:
-    """The Context's info callback: fatal alerts to ``on_fatal_alert``, then the user's callback.
-
-    One per Context (re-installing swaps the handler). ``previous`` is the info callback that
-    was registered before ours (pyOpenSSL's, from ``Context.set_info_callback``), called after
-    ours for every event; ``retired`` keeps the cffi objects of replaced user callbacks alive,
-    since a handshake on another thread may still be inside one.
-    """
-
-    def __init__(self, res: Resolution, handler: SessionCallbacks, context: bytes) -> None:
-        from OpenSSL._util import ffi, lib
-
-        lib = getattr(lib, "_original_lib", lib)
-        self.handler = handler
-        self.context = context
-        #: The Context this hook is installed on (weak: the Context holds the hook).
-        self.owner: weakref.ref[SSL.Context] | None = None
-        self.previous: Any = None
-        self.retired: list[Any] = []
-        self._ffi = ffi
-        self._get_info = res.get("SSL_CTX_get_info_callback")
-        self._set_info = lib.SSL_CTX_set_info_callback
-        sid_of = _sid_reader(res)
-        get_session = lib.SSL_get_session
-        peek_last_error = res.get("ERR_peek_last_error")
-        reason_of = lib.ERR_GET_REASON
-        eof_reason = getattr(lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", None)
-        null = ffi.NULL
-
-        def fatal_alert(ssl: Any, where: int) -> None:
-            # OpenSSL 3 answers a peer that hung up without close_notify with a fatal
-            # decode_error alert of its own; that is not a failed connection.
-            if (
-                where & _CB_WRITE
-                and eof_reason is not None
-                and reason_of(peek_last_error()) == eof_reason
-            ):
-                return
-            rec = _forget(ssl)
-            if rec is None:
-                handler, context, ids = self.handler, self.context, []
-            else:
-                handler, context, ids = rec.handler, rec.context, rec.ids
-            sess = get_session(ssl)
-            if sess != null:
-                sid = sid_of(sess)
-                if sid and sid not in ids:
-                    ids.append(sid)
-            if ids:
-                handler.on_fatal_alert(context, tuple(ids))
-
-        mapping_get = _connection_of
-
-        def rare_event(ssl: Any, where: int, ret: int) -> None:
-            if where & _CB_HANDSHAKE_START:
-                # Before the ClientHello, hence before any SNI switch: this Context is
-                # the connection's session context for good. (The get callback also runs
-                # before the switch, but not in a full handshake, and the new callback
-                # runs after it.)
-                owner = self.owner
-                ctx = owner() if owner is not None else None
-                conn = mapping_get(ssl) if ctx is not None else None
-                if conn is not None and ctx is not None:
-                    _keep_session_context(conn, ctx)
-            if where & _CB_ALERT and ret >> 8 == _AL_FATAL:
-                try:
-                    fatal_alert(ssl, where)
-                except Exception as e:
-                    _warn("alert", f"session cache on_fatal_alert failed: {describe_error(e)}")
-
-        # OpenSSL calls this some 16 times per handshake (every state change), and only
-        # HANDSHAKE_START and alerts concern us: the common case is one test on locals.
-        rare = _CB_HANDSHAKE_START | _CB_ALERT
-
-        def info_cb(ssl: Any, where: int, ret: int) -> None:
-            if where & rare:
-                rare_event(ssl, where, ret)
-
-        def chained_info_cb(ssl: Any, where: int, ret: int) -> None:
-            if where & rare:
-                rare_event(ssl, where, ret)
-            previous = self.previous
-            if previous is not None:
-                previous(ssl, where, ret)
-
-        info_type = "void (*)(const SSL *, int, int)"
-        #: Registered while no other info callback is chained; ``chained`` after that.
-        self.callback = ffi.callback(info_type, info_cb, onerror=_onerror)
-        self.chained = ffi.callback(info_type, chained_info_cb, onerror=_onerror)
-        self._addresses = {int(ffi.cast("uintptr_t", c)) for c in (self.callback, self.chained)}
-
-    def take_over(self, raw: Any) -> None:
-        """Register ours on ``raw`` (an ``SSL_CTX *``), chaining whatever was registered."""
-        current = self._get_info(raw)
-        if (
-            current != self._ffi.NULL
-            and int(self._ffi.cast("uintptr_t", current)) not in self._addresses
-        ):
-            self.previous = current
-        self._set_info(raw, self.callback if self.previous is None else self.chained)
+def _eof_test(lib: Any) -> Callable[[int], bool]:
+    """``is_eof(err)``: whether a packed error is "unexpected EOF while reading" (OpenSSL 3
+    answers a peer that hung up without close_notify with a fatal alert of its own)."""
+    eof = getattr(lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", None)
+    if eof is None:
+        return lambda err: False
+    reason_of = lib.ERR_GET_REASON
+    return lambda err: bool(reason_of(err) == eof)
 
 
-@dataclass
+# --------------------------------------------------------------------------- lifetime
+
+
 class _State:
-    """Everything ``install_callbacks`` keeps alive with one Context."""
+    """Every callback set installed on one ``SSL_CTX``, newest last (a handshake on another
+    thread may still be inside an older one)."""
 
-    hook: _AlertHook
-    installed: list[_Installed] = field(default_factory=list)
+    __slots__ = ("installed",)
+
+    def __init__(self) -> None:
+        self.installed: list[_Installed] = []
 
 
-def _unregister(ctx_address: int, res: Resolution, keep: _State | None) -> None:
-    """Clear the callbacks from an ``SSL_CTX`` whose ``Context`` is going away.
+#: ``SSL_CTX`` address -> its callbacks. An entry is added by ``install_callbacks`` and
+#: dropped when OpenSSL frees that ``SSL_CTX`` (``_on_ctx_free``), so an address is never
+#: reused while its entry exists.
+_registry: dict[int, _State] = {}
+#: States dropped inside a garbage collection: released at the next free outside one.
+_graveyard: list[_State] = []
+_collecting = threading.local()
 
-    ``keep`` holds the callback objects when the Context could not (they die after this).
+
+def _note_collection(phase: str, info: dict[str, int]) -> None:
+    _collecting.now = phase == "start"
+
+
+gc.callbacks.append(_note_collection)
+
+
+def _on_ctx_free(parent: Any, ptr: Any, ad: Any, idx: int, argl: int, argp: Any) -> None:
+    """OpenSSL frees an ``SSL_CTX`` (any, ours or not): drop its callbacks.
+
+    Runs wherever the last reference goes, possibly inside a garbage collection (with any
+    lock of this thread held): so no lock, and there the state is only moved aside, its
+    cffi objects and handler released at the next free outside a collection.
     """
-    from OpenSSL._util import ffi, lib
-
-    ctx = ffi.cast("SSL_CTX *", ctx_address)
-    res.get("SSL_CTX_sess_set_new_cb")(ctx, ffi.NULL)
-    res.get("SSL_CTX_sess_set_get_cb")(ctx, ffi.NULL)
-    res.get("SSL_CTX_sess_set_remove_cb")(ctx, ffi.NULL)
-    lib.SSL_CTX_set_info_callback(ctx, ffi.NULL)
-
-
-def _wrap_set_info_callback(ctx: SSL.Context, state: _State) -> None:
-    """Make a later ``ctx.set_info_callback(cb)`` chain ``cb`` behind ours, not replace it.
-
-    pyOpenSSL's method still runs (its checks, its cffi object); then ours takes the
-    ``SSL_CTX`` back and calls ``cb`` after itself. Only this Context instance is changed.
-    """
-    method = type(ctx).set_info_callback
-    ref = weakref.ref(ctx)  # no cycle: the Context stays collectable
-
-    @functools.wraps(method)
-    def set_info_callback(callback: Callable[[SSL.Connection, int, int], None]) -> None:
-        target = ref()
-        if target is None:
+    try:
+        if ptr == _NULL:
+            return  # not one of ours
+        state = _registry.pop(int(_ffi.cast("uintptr_t", parent)), None)
+        if getattr(_collecting, "now", False):
+            if state is not None:
+                _graveyard.append(state)
             return
-        old = getattr(target, "_info_callback", None)
-        method(target, callback)
-        if old is not None:
-            state.hook.retired.append(old)
-        state.hook.take_over(target._context)
+        del state
+        if _graveyard:
+            _graveyard.clear()
+    except Exception:  # interpreter shutdown: module globals may already be gone
+        return
 
-    ctx.set_info_callback = set_info_callback  # type: ignore[method-assign]
+
+_FREE_TYPE = "void (*)(void *, void *, void *, int, long, void *)"
+_free_callback: Any = None  # made once, kept for the life of the process
+_ex_index: int | None = None
+_NULL: Any = _ffi.NULL
+
+
+def _address_of(raw: Any) -> int:
+    return int(_ffi.cast("uintptr_t", raw))
+
+
+def _ensure_ex_index(res: Resolution) -> int:
+    """The ``SSL_CTX`` ex-data index whose free callback drops the registry entry (one per
+    process; called under ``_install_lock``)."""
+    global _free_callback, _ex_index
+    if _ex_index is None:
+        ffi = _ffi
+        callback = ffi.callback(_FREE_TYPE, _on_ctx_free, onerror=_onerror)
+        index = int(
+            res.get("CRYPTO_get_ex_new_index")(
+                _EX_INDEX_SSL_CTX, 0, ffi.NULL, ffi.NULL, ffi.NULL, callback
+            )
+        )
+        if index < 0:
+            raise ConfigurationError("CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX) failed")
+        _free_callback, _ex_index = callback, index
+    return _ex_index
 
 
 # --------------------------------------------------------------------------- context checks
@@ -717,10 +680,10 @@ def install_callbacks(
     up through the handler, TLS 1.2 resumes by session id. ``num_tickets`` sets how many TLS
     1.3 tickets a handshake issues (OpenSSL's default is 2).
 
-    An info callback reports fatal alerts to ``handler.on_fatal_alert``. A callback set
-    with ``ctx.set_info_callback`` before or after this call keeps being called, after ours
-    (this Context's ``set_info_callback`` is wrapped to chain it); one set per connection
-    with ``Connection.set_info_callback`` replaces ours for that connection.
+    Fatal alerts reach ``handler.on_fatal_alert`` through OpenSSL's remove callback; no info
+    callback is registered, so ``ctx.set_info_callback`` is pyOpenSSL's own, unchanged.
+    The callbacks live as long as the ``SSL_CTX`` (which connections switched away by SNI
+    keep alive after the Context is gone).
 
     Must run before a Connection is made from ``ctx``. Raises ``ResolverError`` if the
     OpenSSL functions cannot be verified, and ``ConfigurationError`` for bad arguments.
@@ -768,27 +731,21 @@ def install_callbacks(
         if set_num_tickets is not None and set_num_tickets(raw, num_tickets) != 1:
             raise ConfigurationError(f"SSL_CTX_set_num_tickets({num_tickets}) failed")
 
-        # Keep every callback set ever installed alive with the Context (a handshake on
-        # another thread may be inside an older one), and register the teardown once.
-        state: _State | None = getattr(ctx, _ATTR, None)
+        # Keep every callback set ever installed alive with the SSL_CTX (a handshake on
+        # another thread may be inside an older one), until OpenSSL frees it.
+        address = _address_of(raw)
+        state = _registry.get(address)
         if state is None:
-            state = _State(_AlertHook(res, handler, session_id_context))
-            state.hook.owner = weakref.ref(ctx)
-            address = int(ffi.cast("uintptr_t", raw))
-            try:
-                setattr(ctx, _ATTR, state)
-                # The finalizer runs before the Context's attributes are cleared, so the
-                # callbacks are still alive while they are unregistered.
-                weakref.finalize(ctx, _unregister, address, res, None)
-                _wrap_set_info_callback(ctx, state)
-            except AttributeError:  # a Context without __dict__: the finalizer owns them
-                weakref.finalize(ctx, _unregister, address, res, state)
-        state.hook.handler, state.hook.context = handler, session_id_context
+            index = _ensure_ex_index(res)
+            # The marker (any non-NULL pointer) tells the free callback this SSL_CTX is ours.
+            if res.get("SSL_CTX_set_ex_data")(raw, index, ffi.cast("void *", address)) != 1:
+                lib.ERR_clear_error()
+                raise ConfigurationError("SSL_CTX_set_ex_data failed")
+            state = _registry[address] = _State()
         state.installed.append(installed)
         set_new(raw, installed.new_cb)
         set_get(raw, installed.get_cb)
         set_remove(raw, installed.remove_cb)
-        state.hook.take_over(raw)
     return session_id_context
 
 
@@ -811,7 +768,7 @@ def session_id(conn: SSL.Connection) -> bytes | None:
 def installed_get_callback(ctx: SSL.Context) -> Any:
     """The get-session callback :func:`install_callbacks` last registered on ``ctx`` (a cffi
     callback), for a layer that answers some lookups itself and hands the rest on."""
-    state: _State | None = getattr(ctx, _ATTR, None)
+    state = _registry.get(_address_of(ctx._context))
     if state is None or not state.installed:
         raise ConfigurationError("no session callbacks are installed on this Context")
     return state.installed[-1].get_cb

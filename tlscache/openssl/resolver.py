@@ -83,6 +83,15 @@ SIGNATURES: Mapping[str, str] = {
     "SSL_CTX_get_info_callback": "void (*(*)(const SSL_CTX *))(const SSL *, int, int)",
     "i2d_X509": "int (*)(X509 *, unsigned char **)",
     "ERR_peek_last_error": "unsigned long (*)(void)",
+    # The callbacks' lifetime follows the SSL_CTX's (callbacks.py): an ex-data index whose
+    # free callback OpenSSL calls when the SSL_CTX is really freed. CRYPTO_EX_DATA is not
+    # declared by the binding: ``void *`` here; new and dup are always NULL.
+    "CRYPTO_get_ex_new_index": (
+        "int (*)(int, long, void *, void *, void *, "
+        "void (*)(void *, void *, void *, int, long, void *))"
+    ),
+    "SSL_CTX_set_ex_data": "int (*)(SSL_CTX *, int, void *)",
+    "SSL_CTX_get_ex_data": "void *(*)(const SSL_CTX *, int)",
     # Session tickets (tlscache/openssl/tickets.py). The binding declares no EVP_CIPHER_CTX,
     # EVP_MAC_CTX, HMAC_CTX, ENGINE or OSSL_PARAM type: those pointers are ``void *`` here.
     "SSL_CTX_set_tlsext_ticket_key_evp_cb": (
@@ -122,6 +131,9 @@ REQUIRED: tuple[str, ...] = (
     "SSL_CTX_get_info_callback",
     "i2d_X509",
     "ERR_peek_last_error",
+    "CRYPTO_get_ex_new_index",
+    "SSL_CTX_set_ex_data",
+    "SSL_CTX_get_ex_data",
 )
 
 #: Nice to have; absent (e.g. ``SSL_CTX_set_num_tickets`` before OpenSSL 1.1.1) means ``None``.

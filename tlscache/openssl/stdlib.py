@@ -32,9 +32,10 @@ opaque types, so a pointer of one library can never be passed to the other by mi
 callback bodies are ``callbacks.py``'s (:func:`~tlscache.openssl.callbacks.session_functions`),
 given this module's FFI and functions instead of pyOpenSSL's and without the per-connection
 bookkeeping, which needs pyOpenSSL ``Connection`` objects; so the rules are the same (no
-exception reaches OpenSSL, ``get`` returns a fresh ``d2i`` with ``*copy = 0``). The info
-callback is this module's: a fatal alert reports the connection's current session. Callbacks
-live as long as the context and are unregistered when it dies.
+exception reaches OpenSSL, ``get`` returns a fresh ``d2i`` with ``*copy = 0``). A fatal alert
+arrives, as there, through the remove callback (no info callback is registered) and reports
+the connection's current session only. Callbacks live as long as the Python context and are
+unregistered when it dies (unlike the pyOpenSSL path, which ties them to the ``SSL_CTX``).
 """
 
 from __future__ import annotations
@@ -54,15 +55,13 @@ from typing import Any
 
 import cffi  # type: ignore[import-untyped,unused-ignore]
 
-from tlscache.exceptions import ConfigurationError, ResolverError, describe_error
+from tlscache.exceptions import ConfigurationError, ResolverError
 from tlscache.openssl.callbacks import (
     DEFAULT_SESSION_ID_CONTEXT,
     Natives,
     SessionCallbacks,
     _onerror,
-    _warn,
     session_functions,
-    sid_reader,
 )
 from tlscache.openssl.resolver import _Mapping, _read_maps
 
@@ -149,9 +148,6 @@ _SESS_CACHE_SERVER = 0x0002
 _SESS_CACHE_NO_INTERNAL = 0x0300
 _VERIFY_PEER = 0x01
 _MAX_SID_CTX_LENGTH = 32
-_CB_WRITE = 0x08
-_CB_ALERT = 0x4000
-_AL_FATAL = 2
 _ERR_SYSTEM_FLAG = 1 << 31
 _ERR_REASON_MASK = 0x7FFFFF
 _SSL_R_UNEXPECTED_EOF_WHILE_READING = 294
@@ -441,14 +437,13 @@ class _Callbacks:
     new_cb: Any
     get_cb: Any
     remove_cb: Any
-    info_cb: Any
 
     def addresses(self) -> dict[str, int]:
         return {
             "new": _address(self.new_cb),
             "get": _address(self.get_cb),
             "remove": _address(self.remove_cb),
-            "info": _address(self.info_cb),
+            "info": 0,  # none registered: fatal alerts arrive through remove
         }
 
 
@@ -464,7 +459,8 @@ class _State:
 
 
 def _make_callbacks(res: StdlibResolution, handler: SessionCallbacks, context: bytes) -> _Callbacks:
-    """The new/get/remove/info callbacks for ``handler`` on this module's FFI."""
+    """The new/get/remove callbacks for ``handler`` on this module's FFI (fatal alerts
+    arrive through remove: no info callback)."""
     natives = Natives(
         _ffi,
         res["SSL_SESSION_get_id"],
@@ -473,41 +469,24 @@ def _make_callbacks(res: StdlibResolution, handler: SessionCallbacks, context: b
         res["d2i_SSL_SESSION"],
         res["SSL_SESSION_free"],
         res["ERR_clear_error"],
+        res["ERR_peek_last_error"],
+        _is_eof,
     )
     new_cb, get_cb, remove_cb = session_functions(natives, handler, context)
-    null = _ffi.NULL
-    sid_of = sid_reader(_ffi, res["SSL_SESSION_get_id"])
-    peek_last_error, get_session = res["ERR_peek_last_error"], res["SSL_get_session"]
-    alert = _CB_ALERT
-
-    def fatal_alert(ssl_: Any, where: int) -> None:
-        try:
-            err = int(peek_last_error())
-            if (
-                where & _CB_WRITE
-                and not err & _ERR_SYSTEM_FLAG
-                and err & _ERR_REASON_MASK == _SSL_R_UNEXPECTED_EOF_WHILE_READING
-            ):
-                return  # the peer hung up without close_notify: not a failed connection
-            sess = get_session(ssl_)
-            sid = sid_of(sess) if sess != null else b""
-            if sid:
-                handler.on_fatal_alert(context, (sid,))
-        except Exception as e:
-            _warn("alert", f"session cache on_fatal_alert failed: {describe_error(e)}")
-
-    def info_cb(ssl_: Any, where: int, ret: int) -> None:
-        # Some 16 calls per handshake, nearly all state changes: one test on locals.
-        if where & alert and ret >> 8 == _AL_FATAL:
-            fatal_alert(ssl_, where)
-
     return _Callbacks(
         handler,
         context,
         _ffi.callback(_NEW_CB, new_cb, error=0, onerror=_onerror),
         _ffi.callback(_GET_CB, get_cb, onerror=_onerror),
         _ffi.callback(_REMOVE_CB, remove_cb, onerror=_onerror),
-        _ffi.callback(_INFO_CB, info_cb, onerror=_onerror),
+    )
+
+
+def _is_eof(err: int) -> bool:
+    """Whether a packed error is "unexpected EOF while reading": a peer that hung up
+    without close_notify, answered by OpenSSL 3 with a fatal alert of its own."""
+    return (
+        not err & _ERR_SYSTEM_FLAG and err & _ERR_REASON_MASK == _SSL_R_UNEXPECTED_EOF_WHILE_READING
     )
 
 
@@ -518,7 +497,6 @@ def _unregister(address: int, res: StdlibResolution) -> None:
     res["SSL_CTX_sess_set_new_cb"](raw, _ffi.NULL)
     res["SSL_CTX_sess_set_get_cb"](raw, _ffi.NULL)
     res["SSL_CTX_sess_set_remove_cb"](raw, _ffi.NULL)
-    res["SSL_CTX_set_info_callback"](raw, _ffi.NULL)
 
 
 # --------------------------------------------------------------------------- install
@@ -652,5 +630,4 @@ def install_stdlib_callbacks(
         res["SSL_CTX_sess_set_new_cb"](raw, callbacks.new_cb)
         res["SSL_CTX_sess_set_get_cb"](raw, callbacks.get_cb)
         res["SSL_CTX_sess_set_remove_cb"](raw, callbacks.remove_cb)
-        res["SSL_CTX_set_info_callback"](raw, callbacks.info_cb)
     return StdlibInstall(session_id_context, res.version, res.libssl_path, verified.checks)
