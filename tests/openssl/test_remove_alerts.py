@@ -250,3 +250,19 @@ def test_record_index_follows_the_connection(
     del pair, record
     gc.collect()
     assert not any(sid in callbacks._by_sid for sid in ids)
+
+
+def test_record_index_is_bounded_per_connection(
+    ca: trustme.CA, leaf: trustme.LeafCert, collected: None
+) -> None:
+    sctx = server_context(leaf)
+    h = DictHandler()
+    install_callbacks(sctx, h, session_id_context=b"index")
+    pair = Pair(sctx, client_context(ca, TLS13))
+    pair.handshake()
+    record = callbacks._records[pair.server]
+    ids = [bytes([i]) * 32 for i in range(40)]
+    for sid in ids:
+        callbacks._remember(pair.server._ssl, h, b"index", sid)
+    indexed = [sid for sid in ids if callbacks._by_sid.get(sid) is record]
+    assert indexed == record.ids == ids[-callbacks._MAX_IDS_PER_CONNECTION :], indexed

@@ -174,7 +174,9 @@ def _remember(
     if sid not in ids:
         ids.append(sid)
         if len(ids) > _MAX_IDS_PER_CONNECTION:
-            del ids[0]
+            dropped = ids.pop(0)
+            if _by_sid.get(dropped) is rec:
+                del _by_sid[dropped]
     _index(sid, rec)
     return conn
 
