@@ -7,9 +7,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.procs import free_port, running, tool
 from tests.tlsutil import Certs, write_certs
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A CA for in-process tests (trustme); modules that need their own define ``ca``."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def leaf(ca: trustme.CA) -> trustme.LeafCert:
+    """A ``localhost`` certificate of :func:`ca`."""
+    return ca.issue_cert("localhost")
 
 
 @pytest.fixture(scope="session")

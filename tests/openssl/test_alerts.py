@@ -39,16 +39,6 @@ VERSIONS = [pytest.param(TLS12, id="TLS1.2"), pytest.param(TLS13, id="TLS1.3")]
 FATAL = 2
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def leaf(ca: trustme.CA) -> trustme.LeafCert:
-    return ca.issue_cert("localhost")
-
-
 class Pair:
     """A pyOpenSSL server and a Python ``ssl`` client joined by memory BIOs."""
 

@@ -115,16 +115,6 @@ class GarbageHandler(DictHandler):
         return b"\x30\x03garbage" if session_id in self.store else None
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def leaf(ca: trustme.CA) -> trustme.LeafCert:
-    return ca.issue_cert("localhost")
-
-
 def server_context(leaf: trustme.LeafCert) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.use_certificate(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))

@@ -33,16 +33,6 @@ except Exception as e:  # pragma: no cover - only on platforms the resolver does
 VERSIONS = [pytest.param(TLS12, id="TLS1.2"), pytest.param(TLS13, id="TLS1.3")]
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def leaf(ca: trustme.CA) -> trustme.LeafCert:
-    return ca.issue_cert("localhost")
-
-
 class Served:
     """A server Context with a SessionCache on a MemoryStore."""
 
