@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 import struct
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -452,3 +454,52 @@ def test_lookups_beyond_max_pending_get_a_full_handshake(pem: Path, ca: trustme.
         assert (stats.overloaded, stats.started, stats.paused) == (1, 1, 1), state(cache, nb)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_context_dropped_before_the_client_hello(pem: Path, version: str) -> None:
+    """The ClientHello and get callbacks live as long as OpenSSL's SSL_CTX: a Connection
+    whose Python Context is gone still pauses, looks up and resumes (no freed callback)."""
+    cache = SessionCache(MemoryStore(), deadline_ms=DEADLINE_MS)
+    ctx = server_context(pem)
+    nb = NonblockingResumption(cache)
+    nb.install(ctx)
+    client = client_context(version)
+    try:
+        _, sess = handshake_over_memory(ctx, client)
+        s = SSL.Connection(ctx, None)
+        s.set_accept_state()
+        ref = weakref.ref(ctx)
+        # As after an SNI switch, Python lets go of the first Context while OpenSSL goes on
+        # using its SSL_CTX for this connection (the C-level SSL is unchanged here).
+        s._context = server_context(pem)
+        del ctx
+        gc.collect()
+        assert ref() is None  # the Context is gone; its SSL_CTX lives on inside ``s``
+        c = SSL.Connection(client, None)
+        c.set_connect_state()
+        c.set_session(sess)
+        done = [False, False]
+        for _ in range(40):  # bounded exchanges; a paused handshake waits for its lookup
+            for i, conn in enumerate((c, s)):
+                if done[i]:
+                    continue
+                try:
+                    conn.do_handshake()
+                    done[i] = True
+                except SSL.WantReadError:
+                    pass
+                except SSL.Error:
+                    lookup = nb.paused_lookup(s) if conn is s else None
+                    assert lookup is not None, state(cache, nb)
+                    lookup.result(timeout=30)  # type: ignore[union-attr]
+            for src, dst in ((c, s), (s, c)):
+                with contextlib.suppress(SSL.WantReadError):
+                    dst.bio_write(src.bio_read(65536))
+            if all(done):
+                break
+        assert all(done), state(cache, nb)
+        assert lib.SSL_session_reused(s._ssl), state(cache, nb)
+        assert nb.stats().answered == 1, state(cache, nb)
+    finally:
+        nb.close()

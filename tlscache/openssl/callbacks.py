@@ -61,6 +61,7 @@ __all__ = [
     "default_session_id_context",
     "install_callbacks",
     "installed_get_callback",
+    "keep_with_ssl_ctx",
     "on_callback_error",
     "session_id",
 ]
@@ -490,10 +491,12 @@ class _State:
     """Every callback set installed on one ``SSL_CTX``, newest last (a handshake on another
     thread may still be inside an older one)."""
 
-    __slots__ = ("installed",)
+    __slots__ = ("installed", "kept")
 
     def __init__(self) -> None:
         self.installed: list[_Installed] = []
+        #: Other callbacks registered on the same SSL_CTX (see :func:`keep_with_ssl_ctx`).
+        self.kept: list[Any] = []
 
 
 #: ``SSL_CTX`` address -> its callbacks. An entry is added by ``install_callbacks`` and
@@ -774,6 +777,18 @@ def installed_get_callback(ctx: SSL.Context) -> Any:
     if state is None or not state.installed:
         raise ConfigurationError("no session callbacks are installed on this Context")
     return state.installed[-1].get_cb
+
+
+def keep_with_ssl_ctx(ctx: SSL.Context, *objects: Any) -> None:
+    """Keep ``objects`` (cffi callbacks another layer registered on ``ctx``'s ``SSL_CTX``)
+    alive as long as that ``SSL_CTX``, as the session callbacks are: OpenSSL may call them
+    after the Python Context is gone, for the connections still using it.
+    :func:`install_callbacks` must have run on ``ctx``."""
+    with _install_lock:
+        state = _registry.get(_address_of(ctx._context))
+        if state is None:
+            raise ConfigurationError("no session callbacks are installed on this Context")
+        state.kept.extend(objects)
 
 
 #: The pyOpenSSL Connection of an ``SSL *`` (``None`` if pyOpenSSL did not make it).

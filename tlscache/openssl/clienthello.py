@@ -48,6 +48,7 @@ from tlscache.openssl.callbacks import (
     connection_of,
     install_callbacks,
     installed_get_callback,
+    keep_with_ssl_ctx,
     on_callback_error,
 )
 from tlscache.openssl.resolver import resolve
@@ -80,7 +81,6 @@ _MAX_SESSION_ID_LEN = 32
 _MAX_IDENTITIES = 16  # more than any client sends; bounds the parser's work
 _TLS13 = 0x0304
 _CTRL_GET_MAX_PROTO_VERSION = 131
-_ATTR_NB = "_tlscache_nonblocking"
 
 #: Starts a lookup of (session id context, session id); the future gives the DER or None.
 Lookup = Callable[[bytes, bytes], "concurrent.futures.Future[bytes | None]"]
@@ -227,15 +227,6 @@ class _Handler:
 
     def on_fatal_alert(self, context: bytes, session_ids: Any) -> None:
         self.cache.on_fatal_alert(context, session_ids)
-
-
-def _unregister(ctx_address: int) -> None:
-    """Clear the ClientHello callback of an ``SSL_CTX`` whose Context is going away (the
-    session callbacks are cleared by :mod:`tlscache.openssl.callbacks`)."""
-    from OpenSSL._util import ffi
-
-    ctx = ffi.cast("SSL_CTX *", ctx_address)
-    resolve().get("SSL_CTX_set_client_hello_cb")(ctx, ffi.NULL, ffi.NULL)
 
 
 class NonblockingResumption:
@@ -433,13 +424,9 @@ class NonblockingResumption:
             get_cb,
             onerror=on_callback_error,
         )
-        keep: list[Any] | None = getattr(ctx, _ATTR_NB, None)
-        if keep is None:
-            keep = []
-            setattr(ctx, _ATTR_NB, keep)
-            # The SSL_CTX may outlive the Context: never leave it a freed callback.
-            weakref.finalize(ctx, _unregister, int(ffi.cast("uintptr_t", ctx._context)))
-        keep.extend((hello, get, original_get))  # alive as long as the Context
+        # Alive as long as the SSL_CTX, which may outlive the Context: OpenSSL never calls
+        # a freed callback.
+        keep_with_ssl_ctx(ctx, hello, get, original_get)
         set_get(ctx._context, get)
         set_hello(ctx._context, hello, null)
         return context
