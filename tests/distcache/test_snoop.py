@@ -28,7 +28,7 @@ class Snoop:
 
     def stop(self) -> str:
         self.proc.terminate()
-        self.proc.wait(timeout=5)
+        self.proc.wait(timeout=30)
         return self.log_path.read_text()
 
 
