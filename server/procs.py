@@ -35,11 +35,30 @@ _PICK_RANGE = range(20000, 32768)
 _handed_out: set[int] = set()
 
 
+def _pick_range(env: Mapping[str, str]) -> range:
+    """:data:`_PICK_RANGE`, or under pytest-xdist this worker's share of it: a port picked
+    and released by one worker can be bound by another worker's server before the first
+    worker's server binds it; disjoint shares keep the workers apart. Processes a worker
+    starts inherit its share (the variables are in their environment)."""
+    worker, count = env.get("PYTEST_XDIST_WORKER", ""), env.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()):
+        return _PICK_RANGE
+    index, workers = int(worker[2:]), int(count)
+    if not 0 <= index < workers:
+        return _PICK_RANGE
+    size = len(_PICK_RANGE) // workers
+    start = _PICK_RANGE.start + index * size
+    return range(start, start + size)
+
+
+_PICK = _pick_range(os.environ)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody uses right now, not handed out before by this
     process, and outside the range outgoing connections take their ports from."""
     for _ in range(200):
-        port = random.choice(_PICK_RANGE)
+        port = random.choice(_PICK)
         if port in _handed_out:
             continue
         with socket.socket() as s:
