@@ -18,6 +18,7 @@ import trustme
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
+from tests.openssl.alertpair import VERSIONS, Events, Pair, connect, skip_without_resolver
 from tests.openssl.test_callbacks import (
     TLS12,
     TLS13,
@@ -28,109 +29,8 @@ from tests.openssl.test_callbacks import (
 )
 from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import install_callbacks, session_id
-from tlscache.openssl.resolver import resolve
 
-try:
-    resolve()
-except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
-    pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
-
-VERSIONS = [pytest.param(TLS12, id="TLS1.2"), pytest.param(TLS13, id="TLS1.3")]
-FATAL = 2
-
-
-class Pair:
-    """A pyOpenSSL server and a Python ``ssl`` client joined by memory BIOs."""
-
-    def __init__(
-        self, sctx: SSL.Context, cctx: ssl.SSLContext, session: ssl.SSLSession | None = None
-    ) -> None:
-        self.cin, self.cout = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.client = cctx.wrap_bio(
-            self.cin, self.cout, server_hostname="localhost", session=session
-        )
-        self.server = SSL.Connection(sctx, None)
-        self.server.set_accept_state()
-
-    def to_server(self) -> None:
-        if data := self.cout.read():
-            self.server.bio_write(data)
-
-    def from_server(self) -> bytes:
-        out = b""
-        with contextlib.suppress(SSL.WantReadError):
-            while chunk := self.server.bio_read(65536):
-                out += chunk
-        return out
-
-    def to_client(self) -> None:
-        self.cin.write(self.from_server())
-
-    def handshake(self) -> None:
-        cdone = sdone = False
-        for _ in range(50):
-            if not cdone:
-                try:
-                    self.client.do_handshake()
-                    cdone = True
-                except ssl.SSLWantReadError:
-                    pass
-            self.to_server()
-            if not sdone:
-                try:
-                    self.server.do_handshake()
-                    sdone = True
-                except SSL.WantReadError:
-                    pass
-            self.to_client()
-            if cdone and sdone:
-                return
-        raise AssertionError("handshake did not complete")
-
-    def exchange(self) -> None:
-        """One record each way (the client reads past the TLS 1.3 tickets)."""
-        self.server.send(b"ping")
-        self.to_client()
-        assert self.client.read(4) == b"ping"
-        self.client.write(b"pong")
-        self.to_server()
-        assert self.server.recv(4) == b"pong"
-
-    def corrupt_client_record(self) -> None:
-        """The client's next record reaches the server with one byte changed."""
-        self.client.write(b"tampered")
-        record = bytearray(self.cout.read())
-        record[-1] ^= 0x01
-        self.server.bio_write(bytes(record))
-        with pytest.raises(SSL.Error):
-            self.server.recv(100)
-
-    def close_cleanly(self) -> None:
-        self.server.shutdown()
-        self.to_client()
-        with contextlib.suppress(ssl.SSLError):
-            self.client.unwrap()
-
-
-class Events:
-    """A user's info callback: records (where, ret) of every event."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[int, int]] = []
-        self.connections: set[int] = set()
-
-    def __call__(self, conn: SSL.Connection, where: int, ret: int) -> None:
-        assert isinstance(conn, SSL.Connection)
-        self.connections.add(id(conn))
-        self.seen.append((where, ret))
-
-    def fatal_alerts(self, where: int) -> list[int]:
-        """Descriptions of the fatal alerts seen, read (``SSL_CB_READ_ALERT``) or written."""
-        return [r & 0xFF for w, r in self.seen if w & where == where and r >> 8 == FATAL]
-
-    @property
-    def handshakes_done(self) -> int:
-        return sum(1 for w, _ in self.seen if w & lib.SSL_CB_HANDSHAKE_DONE)
+skip_without_resolver()
 
 
 def setup(leaf: trustme.LeafCert, handler: Any = None) -> tuple[SSL.Context, Any, Events]:
@@ -152,9 +52,7 @@ def test_corrupted_record_reports_the_issued_sessions(
 ) -> None:
     """The server reads a record that fails authentication and sends bad_record_mac."""
     sctx, h, events = setup(leaf)
-    pair = Pair(sctx, client_context(ca, version))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, version))
     current = session_id(pair.server)
     issued = [sid for sid, _, _ in h.new]
     assert len(issued) == (1 if version == TLS12 else 2)
@@ -173,15 +71,11 @@ def test_corrupted_record_after_resumption_reports_the_resumed_session(
 ) -> None:
     sctx, h, _ = setup(leaf)
     cctx = client_context(ca, version)
-    first = Pair(sctx, cctx)
-    first.handshake()
-    first.exchange()
+    first = connect(sctx, cctx)
     first.close_cleanly()
     issued_first = {sid for sid, _, _ in h.new}
 
-    second = Pair(sctx, cctx, first.client.session)
-    second.handshake()
-    second.exchange()
+    second = connect(sctx, cctx, first.client.session)
     assert second.client.session_reused
     offered = h.gets[-1]
     assert offered in issued_first
@@ -200,19 +94,9 @@ def test_alert_read_from_the_client_reports_the_sessions(
 ) -> None:
     """The client receives a corrupted record and sends bad_record_mac; the server reads it."""
     sctx, h, events = setup(leaf)
-    pair = Pair(sctx, client_context(ca, version))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, version))
     issued = {sid for sid, _, _ in h.new}
-    pair.server.send(b"data")
-    record = bytearray(pair.from_server())
-    record[-1] ^= 0x01
-    pair.cin.write(bytes(record))
-    with pytest.raises(ssl.SSLError):
-        pair.client.read(4)
-    pair.to_server()
-    with pytest.raises(SSL.Error):
-        pair.server.recv(100)
+    pair.corrupt_server_record()
     assert events.fatal_alerts(lib.SSL_CB_READ_ALERT) == [20]
     assert len(h.alerts) == 1
     assert issued <= set(h.alerts[0])
@@ -251,12 +135,8 @@ def test_close_without_close_notify_is_not_an_alert(
 ) -> None:
     """OpenSSL answers the hang-up with a decode_error alert of its own: not a failure."""
     sctx, h, events = setup(leaf)
-    pair = Pair(sctx, client_context(ca, version))
-    pair.handshake()
-    pair.exchange()
-    pair.server.bio_shutdown()  # the client hangs up
-    with pytest.raises(SSL.Error):
-        pair.server.recv(100)
+    pair = connect(sctx, client_context(ca, version))
+    pair.client_hangs_up()
     assert events.handshakes_done >= 1
     assert h.alerts == []
 
@@ -266,9 +146,7 @@ def test_clean_close_is_not_an_alert(
     ca: trustme.CA, leaf: trustme.LeafCert, version: ssl.TLSVersion
 ) -> None:
     sctx, h, events = setup(leaf)
-    pair = Pair(sctx, client_context(ca, version))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, version))
     pair.close_cleanly()
     assert h.alerts == []
     assert events.fatal_alerts(0) == []
@@ -317,9 +195,7 @@ def test_user_callback_set_before_install_still_sees_events(
     ca: trustme.CA, leaf: trustme.LeafCert
 ) -> None:
     sctx, h, events = setup(leaf)  # set_info_callback, then install
-    pair = Pair(sctx, client_context(ca, TLS12))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, TLS12))
     assert events.handshakes_done == 1
     pair.corrupt_client_record()
     assert events.fatal_alerts(lib.SSL_CB_WRITE_ALERT) == [20]
@@ -333,9 +209,7 @@ def test_user_callback_set_after_install_is_chained(ca: trustme.CA, leaf: trustm
     first, later = Events(), Events()
     sctx.set_info_callback(first)
     sctx.set_info_callback(later)  # replaces ``first``, as pyOpenSSL always did
-    pair = Pair(sctx, client_context(ca, TLS13))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, TLS13))
     assert later.handshakes_done == 1
     assert first.seen == []
     pair.corrupt_client_record()
@@ -347,9 +221,7 @@ def test_reinstalling_does_not_call_twice(ca: trustme.CA, leaf: trustme.LeafCert
     sctx, _, events = setup(leaf)
     h2 = DictHandler()
     install_callbacks(sctx, h2, session_id_context=b"second")
-    pair = Pair(sctx, client_context(ca, TLS12))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, TLS12))
     pair.corrupt_client_record()
     assert events.handshakes_done == 1
     assert len(h2.alerts) == 1
@@ -360,9 +232,7 @@ def test_raising_handler_does_not_disturb_the_connection(
     ca: trustme.CA, leaf: trustme.LeafCert
 ) -> None:
     sctx, h, events = setup(leaf, RaisingHandler())
-    pair = Pair(sctx, client_context(ca, TLS12))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, TLS12))
     pair.corrupt_client_record()  # SSL.Error as without the cache, nothing else
     assert events.fatal_alerts(lib.SSL_CB_WRITE_ALERT) == [20]
     assert h.calls >= 2  # on_new, on_fatal_alert
@@ -374,9 +244,7 @@ def test_raising_handler_does_not_disturb_the_connection(
 
 def test_connection_records_go_with_the_connection(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
     sctx, _, _ = setup(leaf)
-    pair = Pair(sctx, client_context(ca, TLS13))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, TLS13))
     assert pair.server in callbacks._records
     assert len(callbacks._records[pair.server].ids) == 2
     before = len(callbacks._records)

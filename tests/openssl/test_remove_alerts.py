@@ -18,32 +18,20 @@ import trustme
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
-from tests.openssl.test_alerts import Events, Pair
+from tests.openssl.alertpair import (
+    VERSIONS,
+    Events,
+    Pair,
+    Served,
+    connect,
+    skip_without_resolver,
+)
 from tests.openssl.test_callbacks import TLS12, TLS13, DictHandler, client_context, server_context
-from tlscache import MemoryStore, SessionCache
 from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import install_callbacks, session_id
 from tlscache.openssl.resolver import resolve
 
-try:
-    resolve()
-except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
-    pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
-
-VERSIONS = [pytest.param(TLS12, id="TLS1.2"), pytest.param(TLS13, id="TLS1.3")]
-
-
-class Served:
-    """A server Context with a SessionCache on a MemoryStore."""
-
-    def __init__(self, leaf: trustme.LeafCert) -> None:
-        self.store = MemoryStore()
-        self.cache = SessionCache(self.store)
-        self.ctx = server_context(leaf)
-        self.cache.install(self.ctx)
-
-    def state(self) -> str:
-        return f"stored={len(self.store)} {self.cache.stats()}"
+skip_without_resolver()
 
 
 @pytest.fixture
@@ -59,14 +47,12 @@ def info_callback_of(ctx: SSL.Context) -> int:
 
 
 def test_no_info_callback_is_registered(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
-    served = Served(leaf)
+    served = Served(server_context(leaf))
     assert info_callback_of(served.ctx) == 0
     events = Events()
     served.ctx.set_info_callback(events)  # pyOpenSSL's own, nothing chained
     assert info_callback_of(served.ctx) == int(ffi.cast("uintptr_t", served.ctx._info_callback))
-    pair = Pair(served.ctx, client_context(ca, TLS12))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(served.ctx, client_context(ca, TLS12))
     pair.corrupt_client_record()
     assert events.handshakes_done == 1, events.seen
     assert events.fatal_alerts(lib.SSL_CB_WRITE_ALERT) == [20], events.seen
@@ -79,15 +65,11 @@ def test_unclean_close_deletes_nothing(
     ca: trustme.CA, leaf: trustme.LeafCert, version: ssl.TLSVersion, collected: None
 ) -> None:
     """No close_notify, then the SSL is freed: OpenSSL calls remove, which is not an alert."""
-    served = Served(leaf)
-    pair = Pair(served.ctx, client_context(ca, version))
-    pair.handshake()
-    pair.exchange()
+    served = Served(server_context(leaf))
+    pair = connect(served.ctx, client_context(ca, version))
     stored = len(served.store)
     assert stored == (1 if version == TLS12 else 2), served.state()
-    pair.server.bio_shutdown()  # the client hangs up: OpenSSL sends decode_error itself
-    with pytest.raises(SSL.Error):
-        pair.server.recv(100)
+    pair.client_hangs_up()  # OpenSSL sends decode_error itself
     del pair
     gc.collect()
     stats = served.cache.stats()
@@ -105,16 +87,12 @@ def test_alert_sent_deletes_the_sessions(
     TLS 1.3: the resumed ticket and the new ticket of that connection (OpenSSL issues one
     on resumption) are deleted, the first connection's other ticket stays.
     """
-    served = Served(leaf)
+    served = Served(server_context(leaf))
     cctx = client_context(ca, version)
-    first = Pair(served.ctx, cctx)
-    first.handshake()
-    first.exchange()
+    first = connect(served.ctx, cctx)
     first.close_cleanly()
     issued_first = len(served.store)
-    second = Pair(served.ctx, cctx, first.client.session)
-    second.handshake()
-    second.exchange()
+    second = connect(served.ctx, cctx, first.client.session)
     assert second.client.session_reused, served.state()
     before = len(served.store)
     assert before == (1 if version == TLS12 else 3), served.state()
@@ -130,20 +108,10 @@ def test_alert_received_deletes_the_sessions(
     ca: trustme.CA, leaf: trustme.LeafCert, version: ssl.TLSVersion
 ) -> None:
     """The client gets a corrupted record and sends bad_record_mac; the server reads it."""
-    served = Served(leaf)
-    pair = Pair(served.ctx, client_context(ca, version))
-    pair.handshake()
-    pair.exchange()
+    served = Served(server_context(leaf))
+    pair = connect(served.ctx, client_context(ca, version))
     assert len(served.store) == (1 if version == TLS12 else 2), served.state()
-    pair.server.send(b"data")
-    record = bytearray(pair.from_server())
-    record[-1] ^= 0x01
-    pair.cin.write(bytes(record))
-    with pytest.raises(ssl.SSLError):
-        pair.client.read(4)
-    pair.to_server()
-    with pytest.raises(SSL.Error):
-        pair.server.recv(100)
+    pair.corrupt_server_record()
     stats = served.cache.stats()
     assert len(served.store) == 0, served.state()  # TLS 1.3: both tickets
     assert stats.alerts_invalidated == (1 if version == TLS12 else 2), served.state()
@@ -204,7 +172,7 @@ def test_context_freed_while_a_connection_uses_it(
 def test_sni_switch_then_the_first_context_dropped(
     ca: trustme.CA, leaf: trustme.LeafCert, collected: None
 ) -> None:
-    served = Served(leaf)
+    served = Served(server_context(leaf))
     switched_to = server_context(leaf)
     served.ctx.set_tlsext_servername_callback(lambda conn: conn.set_context(switched_to))
     before = len(callbacks._registry)
@@ -230,9 +198,7 @@ def test_record_index_follows_the_connection(
     """The sid -> record index is weak: it empties with the connections."""
     sctx = server_context(leaf)
     install_callbacks(sctx, DictHandler(), session_id_context=b"index")
-    pair = Pair(sctx, client_context(ca, TLS13))
-    pair.handshake()
-    pair.exchange()
+    pair = connect(sctx, client_context(ca, TLS13))
     record = callbacks._records[pair.server]
     assert len(record.ids) == 2, record.ids
     assert all(callbacks._by_sid.get(sid) is record for sid in record.ids)

@@ -4,14 +4,13 @@ GETDEL, times out against a stopped server, and serves SessionCache.on_get_async
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 
 import pytest
 
 from tests.redisutil import REDIS_SERVER, redis_server
-from tlscache import Deadline, SessionCache
-from tlscache.exceptions import StoreError, StoreTimeout
+from tests.stores.aioutil import fetch_while_stopped, soon
+from tlscache import SessionCache
+from tlscache.exceptions import StoreTimeout
 from tlscache.keyring import KeyRing
 from tlscache.stores.aio_redis import AsyncRedisStore
 from tlscache.stores.redis import RedisStore
@@ -23,10 +22,6 @@ pytestmark = [
 
 SID = b"r" * 32
 DER12 = bytes.fromhex("300702010102020303")
-
-
-def soon() -> Deadline:
-    return Deadline.after(5.0)
 
 
 def test_reads_and_takes_what_the_blocking_store_wrote() -> None:
@@ -56,17 +51,7 @@ def test_a_stopped_server_times_out_at_the_deadline() -> None:
 
         async def main() -> tuple[type[BaseException] | None, float]:
             await store.fetch(SID, soon())  # a warm connection
-            os.kill(srv.proc.pid, signal.SIGSTOP)
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            error: type[BaseException] | None = None
-            try:
-                await asyncio.wait_for(store.fetch(SID, Deadline.after(0.3)), 30)
-            except StoreError as exc:
-                error = type(exc)
-            finally:
-                os.kill(srv.proc.pid, signal.SIGCONT)
-            return error, loop.time() - start
+            return await fetch_while_stopped(store, srv.proc.pid, SID)
 
         error, took = asyncio.run(main())
         assert error is StoreTimeout and took < 15, (error, took)
