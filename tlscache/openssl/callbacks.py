@@ -12,9 +12,9 @@ Rules the glue enforces, each learnt the hard way:
 * The cffi callback objects live as long as the ``SSL_CTX``, not the Python ``Context``:
   an ``SSL`` switched to another context by SNI keeps the original as its session context
   (only that context's session callbacks ever run for it) and keeps its ``SSL_CTX`` alive
-  after pyOpenSSL dropped the ``Context``. They are kept in a module registry under the
-  ``SSL_CTX``'s address and dropped by the free callback of an ``SSL_CTX`` ex-data index,
-  which OpenSSL calls when the ``SSL_CTX`` is really freed, after every ``SSL`` using it.
+  after pyOpenSSL dropped the ``Context``. They are kept in a registry under the
+  ``SSL_CTX``'s address (:mod:`tlscache.openssl.ctxlife`) and dropped when OpenSSL really
+  frees the ``SSL_CTX``, after every ``SSL`` using it.
   A cache installed on a Context that connections are only switched to is reported (once)
   as never used.
 * ``new`` returns 0: we keep no reference to the session.
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import _thread
 import functools
-import gc
 import hashlib
 import logging
 import signal
@@ -52,6 +51,7 @@ from OpenSSL._util import ffi as _ffi
 
 from tlscache.exceptions import ConfigurationError, describe_error
 from tlscache.lograte import RateLimitedLog
+from tlscache.openssl.ctxlife import SslCtxRegistry
 from tlscache.openssl.resolver import Resolution, resolve
 
 __all__ = [
@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 _SESS_CACHE_SERVER = 0x0002
 _SESS_CACHE_NO_INTERNAL = 0x0300
 _MAX_SID_CTX_LENGTH = 32  # SSL_MAX_SID_CTX_LENGTH
-_EX_INDEX_SSL_CTX = 1  # CRYPTO_EX_INDEX_SSL_CTX
 _MAX_IDS_PER_CONNECTION = 16
 _REDELIVERY_DELAY_S = 0.01
 
@@ -233,8 +232,9 @@ def _check_switch(conn: SSL.Connection, owner: SSL.Context, handler: SessionCall
     current = getattr(conn, "_context", None)
     if current is None or current is owner or current in _warned_switch_targets:
         return
-    state = _registry.get(_address_of(current._context))
-    if state is None or not state.installed or state.installed[-1].handler is handler:
+    entry = _registry.get(current._context)
+    installed = None if entry is None else entry.newest(_SESSION)
+    if installed is None or installed.handler is handler:
         return
     _warned_switch_targets.add(current)
     log.warning(
@@ -487,82 +487,20 @@ def _eof_test(lib: Any) -> Callable[[int], bool]:
 # --------------------------------------------------------------------------- lifetime
 
 
-class _State:
-    """Every callback set installed on one ``SSL_CTX``, newest last (a handshake on another
-    thread may still be inside an older one)."""
-
-    __slots__ = ("installed", "kept")
-
-    def __init__(self) -> None:
-        self.installed: list[_Installed] = []
-        #: Other callbacks registered on the same SSL_CTX (see :func:`keep_with_ssl_ctx`).
-        self.kept: list[Any] = []
+def _ex_data_functions() -> tuple[Any, Any]:
+    res = resolve()
+    return res.get("CRYPTO_get_ex_new_index"), res.get("SSL_CTX_set_ex_data")
 
 
-#: ``SSL_CTX`` address -> its callbacks. An entry is added by ``install_callbacks`` and
-#: dropped when OpenSSL frees that ``SSL_CTX`` (``_on_ctx_free``), so an address is never
-#: reused while its entry exists.
-_registry: dict[int, _State] = {}
-#: States dropped inside a garbage collection: released at the next free outside one.
-_graveyard: list[_State] = []
-_collecting = threading.local()
-
-
-def _note_collection(phase: str, info: dict[str, int]) -> None:
-    _collecting.now = phase == "start"
-
-
-gc.callbacks.append(_note_collection)
-
-
-def _on_ctx_free(parent: Any, ptr: Any, ad: Any, idx: int, argl: int, argp: Any) -> None:
-    """OpenSSL frees an ``SSL_CTX`` (any, ours or not): drop its callbacks.
-
-    Runs wherever the last reference goes, possibly inside a garbage collection (with any
-    lock of this thread held): so no lock, and there the state is only moved aside, its
-    cffi objects and handler released at the next free outside a collection.
-    """
-    try:
-        if ptr == _NULL:
-            return  # not one of ours
-        state = _registry.pop(int(_ffi.cast("uintptr_t", parent)), None)
-        if getattr(_collecting, "now", False):
-            if state is not None:
-                _graveyard.append(state)
-            return
-        del state
-        if _graveyard:
-            _graveyard.clear()
-    except Exception:  # interpreter shutdown: module globals may already be gone
-        return
-
-
-_FREE_TYPE = "void (*)(void *, void *, void *, int, long, void *)"
-_free_callback: Any = None  # made once, kept for the life of the process
-_ex_index: int | None = None
-_NULL: Any = _ffi.NULL
+#: What every pyOpenSSL ``SSL_CTX`` keeps alive: its session callbacks (``_SESSION``, one
+#: ``_Installed`` per ``install_callbacks``), and other layers' callbacks.
+_registry = SslCtxRegistry(_ffi, _ex_data_functions, _onerror)
+_SESSION = "session"
+_KEPT = "kept"
 
 
 def _address_of(raw: Any) -> int:
-    return int(_ffi.cast("uintptr_t", raw))
-
-
-def _ensure_ex_index(res: Resolution) -> int:
-    """The ``SSL_CTX`` ex-data index whose free callback drops the registry entry (one per
-    process; called under ``_install_lock``)."""
-    global _free_callback, _ex_index
-    if _ex_index is None:
-        ffi = _ffi
-        callback = ffi.callback(_FREE_TYPE, _on_ctx_free, onerror=_onerror)
-        index = int(
-            res.get("CRYPTO_get_ex_new_index")(
-                _EX_INDEX_SSL_CTX, 0, ffi.NULL, ffi.NULL, ffi.NULL, callback
-            )
-        )
-        if index < 0:
-            raise ConfigurationError("CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX) failed")
-        _free_callback, _ex_index = callback, index
-    return _ex_index
+    return _registry.address(raw)
 
 
 # --------------------------------------------------------------------------- context checks
@@ -723,6 +661,11 @@ def install_callbacks(
     installed = _make_callbacks(res, handler, session_id_context, weakref.ref(ctx))
     raw = ctx._context
     with _install_lock:
+        try:
+            entry = _registry.entry(raw)  # first: it is the one step here that can fail
+        except ConfigurationError:
+            lib.ERR_clear_error()
+            raise
         # The bindings directly, not the Context's setters: pyOpenSSL 25.1 counts its own
         # throwaway Connection (set_cipher_list) as use and would warn.
         sid_ctx = ffi.new("unsigned char[]", session_id_context)
@@ -738,16 +681,7 @@ def install_callbacks(
 
         # Keep every callback set ever installed alive with the SSL_CTX (a handshake on
         # another thread may be inside an older one), until OpenSSL frees it.
-        address = _address_of(raw)
-        state = _registry.get(address)
-        if state is None:
-            index = _ensure_ex_index(res)
-            # The marker (any non-NULL pointer) tells the free callback this SSL_CTX is ours.
-            if res.get("SSL_CTX_set_ex_data")(raw, index, ffi.cast("void *", address)) != 1:
-                lib.ERR_clear_error()
-                raise ConfigurationError("SSL_CTX_set_ex_data failed")
-            state = _registry[address] = _State()
-        state.installed.append(installed)
+        entry.kept(_SESSION).append(installed)
         set_new(raw, installed.new_cb)
         set_get(raw, installed.get_cb)
         set_remove(raw, installed.remove_cb)
@@ -773,22 +707,27 @@ def session_id(conn: SSL.Connection) -> bytes | None:
 def installed_get_callback(ctx: SSL.Context) -> Any:
     """The get-session callback :func:`install_callbacks` last registered on ``ctx`` (a cffi
     callback), for a layer that answers some lookups itself and hands the rest on."""
-    state = _registry.get(_address_of(ctx._context))
-    if state is None or not state.installed:
+    entry = _registry.get(ctx._context)
+    installed = None if entry is None else entry.newest(_SESSION)
+    if installed is None:
         raise ConfigurationError("no session callbacks are installed on this Context")
-    return state.installed[-1].get_cb
+    return installed.get_cb
 
 
 def keep_with_ssl_ctx(ctx: SSL.Context, *objects: Any) -> None:
     """Keep ``objects`` (cffi callbacks another layer registered on ``ctx``'s ``SSL_CTX``)
     alive as long as that ``SSL_CTX``, as the session callbacks are: OpenSSL may call them
-    after the Python Context is gone, for the connections still using it.
-    :func:`install_callbacks` must have run on ``ctx``."""
-    with _install_lock:
-        state = _registry.get(_address_of(ctx._context))
-        if state is None:
-            raise ConfigurationError("no session callbacks are installed on this Context")
-        state.kept.extend(objects)
+    after the Python Context is gone, for the connections still using it. Raises
+    ``ResolverError`` or ``ConfigurationError`` if OpenSSL's ex-data functions fail."""
+    if not isinstance(ctx, SSL.Context):
+        raise ConfigurationError("ctx must be an OpenSSL.SSL.Context")
+    try:
+        _registry.keep(ctx._context, _KEPT, *objects)
+    except ConfigurationError:
+        from OpenSSL._util import lib
+
+        lib.ERR_clear_error()
+        raise
 
 
 #: The pyOpenSSL Connection of an ``SSL *`` (``None`` if pyOpenSSL did not make it).

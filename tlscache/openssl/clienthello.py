@@ -35,7 +35,6 @@ import concurrent.futures
 import logging
 import struct
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
@@ -200,9 +199,17 @@ class _Prefetch:
     future: concurrent.futures.Future[bytes | None] | asyncio.Future[bytes | None] | None
 
 
-# The per-connection state lives as long as the Connection (not its SSL* address: reused).
-_prefetches: weakref.WeakKeyDictionary[SSL.Connection, _Prefetch] = weakref.WeakKeyDictionary()
-_prefetches_lock = threading.Lock()
+# A connection's lookup is an attribute of its Connection: it lives exactly as long (not
+# keyed by the SSL* address, which is reused), and only the thread handshaking that
+# connection sets it (a single dict store, atomic under the GIL: no lock).
+_PREFETCH_ATTR = "_tlscache_prefetch"
+
+
+def _prefetch_of(conn: SSL.Connection) -> _Prefetch | None:
+    found: _Prefetch | None = conn.__dict__.get(_PREFETCH_ATTR)
+    return found
+
+
 # The prefetched answer for the get callback now running on this thread (see _Handler).
 _answer = threading.local()
 
@@ -365,8 +372,7 @@ class NonblockingResumption:
                 conn = connection_of(ssl)
                 if conn is None:
                     return _CLIENT_HELLO_SUCCESS
-                with _prefetches_lock:
-                    known = _prefetches.get(conn)
+                known = _prefetch_of(conn)
                 if known is not None:
                     future = known.future
                     if future is None or future.done():
@@ -375,13 +381,11 @@ class NonblockingResumption:
                 offered = offered_id(ssl)
                 if offered is None:
                     self._count("nothing_offered")
-                    with _prefetches_lock:
-                        _prefetches[conn] = _Prefetch(b"", None)
+                    conn.__dict__[_PREFETCH_ATTR] = _Prefetch(b"", None)
                     return _CLIENT_HELLO_SUCCESS
                 sid, tls13 = offered
                 future = self._start(context, sid, tls13)
-                with _prefetches_lock:
-                    _prefetches[conn] = _Prefetch(sid, future)
+                conn.__dict__[_PREFETCH_ATTR] = _Prefetch(sid, future)
                 if future is None or future.done():
                     return _CLIENT_HELLO_SUCCESS
                 self._count("paused")
@@ -394,8 +398,7 @@ class NonblockingResumption:
             try:
                 sid = buffer(data, length)[:]
                 conn = connection_of(ssl)
-                with _prefetches_lock:
-                    known = _prefetches.get(conn) if conn is not None else None
+                known = _prefetch_of(conn) if conn is not None else None
                 future = known.future if known is not None else None
                 if known is None or known.session_id != sid or future is None or not future.done():
                     self._count("not_prefetched")
@@ -487,8 +490,7 @@ class NonblockingResumption:
         """
         if self._want(conn._ssl) != _SSL_WANT_CLIENT_HELLO_CB:
             return None
-        with _prefetches_lock:
-            known = _prefetches.get(conn)
+        known = _prefetch_of(conn)
         return None if known is None else known.future
 
     def stats(self) -> NonblockingStats:

@@ -34,8 +34,10 @@ given this module's FFI and functions instead of pyOpenSSL's and without the per
 bookkeeping, which needs pyOpenSSL ``Connection`` objects; so the rules are the same (no
 exception reaches OpenSSL, ``get`` returns a fresh ``d2i`` with ``*copy = 0``). A fatal alert
 arrives, as there, through the remove callback (no info callback is registered) and reports
-the connection's current session only. Callbacks live as long as the Python context and are
-unregistered when it dies (unlike the pyOpenSSL path, which ties them to the ``SSL_CTX``).
+the connection's current session only. Callbacks live as long as the ``SSL_CTX``, as on the
+pyOpenSSL path (:mod:`tlscache.openssl.ctxlife`, with this library's ex-data functions): an
+``SSLSocket`` switched to another context by SNI keeps its first ``SSL_CTX``, and its session
+callbacks, after the first Python context is gone.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import struct
 import sys
 import sysconfig
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ from tlscache.openssl.callbacks import (
     _onerror,
     session_functions,
 )
+from tlscache.openssl.ctxlife import FREE_CALLBACK_TYPE, SslCtxRegistry
 from tlscache.openssl.resolver import _Mapping, _read_maps
 
 __all__ = [
@@ -135,6 +137,9 @@ SIGNATURES: Mapping[str, str] = {
     "d2i_SSL_SESSION": "SSL_SESSION *(*)(SSL_SESSION **, const unsigned char **, long)",
     "ERR_clear_error": "void (*)(void)",
     "ERR_peek_last_error": "unsigned long (*)(void)",
+    # The callbacks' lifetime follows the SSL_CTX's (ctxlife.py); new and dup are NULL.
+    "CRYPTO_get_ex_new_index": f"int (*)(int, long, void *, void *, void *, {FREE_CALLBACK_TYPE})",
+    "SSL_CTX_set_ex_data": "int (*)(SSL_CTX *, int, void *)",
 }
 
 #: Checked against ``dlsym(RTLD_DEFAULT)``: an interposer would show there.
@@ -151,7 +156,6 @@ _MAX_SID_CTX_LENGTH = 32
 _ERR_SYSTEM_FLAG = 1 << 31
 _ERR_REASON_MASK = 0x7FFFFF
 _SSL_R_UNEXPECTED_EOF_WHILE_READING = 294
-_ATTR = "_tlscache_stdlib_session_cache"
 _SERVER_PROTOCOLS = {ssl.PROTOCOL_TLS_SERVER: "TLS_server_method", ssl.PROTOCOL_TLS: "TLS_method"}
 
 
@@ -398,7 +402,8 @@ def verify_context(ctx: ssl.SSLContext, res: StdlibResolution | None = None) -> 
             "OpenSSL does not see what Python set on this context: " + "; ".join(disagreements)
         )
     checks.append("options, num_tickets, verify mode, min/max version read back through OpenSSL")
-    state: _State | None = getattr(ctx, _ATTR, None)
+    entry = _registry.get(raw)
+    current: _Callbacks | None = None if entry is None else entry.newest(_SESSION)
     mode = int(res["SSL_CTX_ctrl"](raw, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, _ffi.NULL))
     callbacks = {
         "new": _address(res["SSL_CTX_sess_get_new_cb"](raw)),
@@ -406,7 +411,7 @@ def verify_context(ctx: ssl.SSLContext, res: StdlibResolution | None = None) -> 
         "remove": _address(res["SSL_CTX_sess_get_remove_cb"](raw)),
         "info": _address(res["SSL_CTX_get_info_callback"](raw)),
     }
-    if state is None:
+    if current is None:
         if mode != _SESS_CACHE_SERVER:
             raise ResolverError(f"session cache mode is {mode:#x}, not CPython's default 0x2")
         set_ = sorted(k for k, v in callbacks.items() if v)
@@ -414,7 +419,7 @@ def verify_context(ctx: ssl.SSLContext, res: StdlibResolution | None = None) -> 
             raise ResolverError(f"callbacks already set on this SSL_CTX: {', '.join(set_)}")
         checks.append("cache mode 0x2 and no callbacks, as CPython leaves them")
     else:
-        ours = state.current.addresses()
+        ours = current.addresses()
         if callbacks != ours:
             raise ResolverError("the session callbacks on this SSL_CTX are no longer ours")
         checks.append("the callbacks installed earlier are still in place")
@@ -447,15 +452,15 @@ class _Callbacks:
         }
 
 
-@dataclass
-class _State:
-    """Everything kept alive with one Python context: every installation, newest last."""
+def _ex_data_functions() -> tuple[Any, Any]:
+    res = resolve_stdlib()
+    return res["CRYPTO_get_ex_new_index"], res["SSL_CTX_set_ex_data"]
 
-    installed: list[_Callbacks]
 
-    @property
-    def current(self) -> _Callbacks:
-        return self.installed[-1]
+#: Every installation on an ``SSL_CTX`` of the ``ssl`` module's library, newest last, kept
+#: until OpenSSL frees that ``SSL_CTX``.
+_registry = SslCtxRegistry(_ffi, _ex_data_functions, _onerror)
+_SESSION = "session"
 
 
 def _make_callbacks(res: StdlibResolution, handler: SessionCallbacks, context: bytes) -> _Callbacks:
@@ -488,15 +493,6 @@ def _is_eof(err: int) -> bool:
     return (
         not err & _ERR_SYSTEM_FLAG and err & _ERR_REASON_MASK == _SSL_R_UNEXPECTED_EOF_WHILE_READING
     )
-
-
-def _unregister(address: int, res: StdlibResolution) -> None:
-    """Clear our callbacks from an ``SSL_CTX`` whose Python context is going away (it may
-    outlive it, held by connections switched to another context)."""
-    raw = _ffi.cast("SSL_CTX *", address)
-    res["SSL_CTX_sess_set_new_cb"](raw, _ffi.NULL)
-    res["SSL_CTX_sess_set_get_cb"](raw, _ffi.NULL)
-    res["SSL_CTX_sess_set_remove_cb"](raw, _ffi.NULL)
 
 
 # --------------------------------------------------------------------------- install
@@ -606,6 +602,11 @@ def install_stdlib_callbacks(
         if session_id_context is None:
             session_id_context = default_session_id_context(ctx)
         raw = verified.raw
+        try:
+            entry = _registry.entry(raw)  # first: it is the one step here that can fail
+        except ConfigurationError:
+            res["ERR_clear_error"]()
+            raise
         sid_ctx = _ffi.new("unsigned char[]", session_id_context)
         if res["SSL_CTX_set_session_id_context"](raw, sid_ctx, len(session_id_context)) != 1:
             res["ERR_clear_error"]()
@@ -619,14 +620,8 @@ def install_stdlib_callbacks(
         if timeout_s is not None:
             res["SSL_CTX_set_timeout"](raw, int(timeout_s))
         callbacks = _make_callbacks(res, handler, session_id_context)
-        state: _State | None = getattr(ctx, _ATTR, None)
-        if state is None:
-            state = _State([callbacks])
-            setattr(ctx, _ATTR, state)
-            # Runs as the context dies, before its attributes (the callbacks) are cleared.
-            weakref.finalize(ctx, _unregister, verified.address, res)
-        else:
-            state.installed.append(callbacks)
+        # Kept before OpenSSL points at them, for as long as the SSL_CTX lives.
+        entry.kept(_SESSION).append(callbacks)
         res["SSL_CTX_sess_set_new_cb"](raw, callbacks.new_cb)
         res["SSL_CTX_sess_set_get_cb"](raw, callbacks.get_cb)
         res["SSL_CTX_sess_set_remove_cb"](raw, callbacks.remove_cb)

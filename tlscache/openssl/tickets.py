@@ -39,13 +39,13 @@ import logging
 import os
 import struct
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from OpenSSL import SSL
 
 from tlscache.exceptions import ConfigurationError, describe_error
+from tlscache.openssl.callbacks import keep_with_ssl_ctx
 from tlscache.openssl.resolver import resolve
 
 __all__ = [
@@ -66,7 +66,6 @@ _OSSL_PARAM_UTF8_STRING = 4
 _OSSL_PARAM_OCTET_STRING = 5
 _OSSL_PARAM_UNMODIFIED = (1 << 64) - 1
 _OSSL_PARAM = struct.Struct("<QI4xQQQ")  # key, data_type, (pad), data, data_size, return_size
-_ATTR = "_tlscache_ticket_callback"
 
 #: What the callback reports for each ticket it handles.
 TicketEvent = Literal["issued", "decrypted", "renewed", "rejected", "failed"]
@@ -117,7 +116,7 @@ class _Prepared:
 
 @dataclass
 class _Installed:
-    """What the Context keeps alive: the cffi callback and the source."""
+    """What the ``SSL_CTX`` keeps alive: the cffi callback and the source."""
 
     kind: Kind
     source: TicketKeySource
@@ -275,25 +274,15 @@ def _kind_available() -> Kind:
     raise ConfigurationError("this OpenSSL offers no session ticket key callback")
 
 
-def _unregister(ctx_address: int, kind: Kind) -> None:
-    from OpenSSL._util import ffi
-
-    res = resolve()
-    raw = ffi.cast("SSL_CTX *", ctx_address)
-    if kind == "evp":
-        res.get("SSL_CTX_set_tlsext_ticket_key_evp_cb")(raw, ffi.NULL)
-    else:
-        res.get("SSL_CTX_callback_ctrl")(raw, _CTRL_SET_TLSEXT_TICKET_KEY_CB, ffi.NULL)
-
-
 def install_ticket_callback(
     ctx: SSL.Context, source: TicketKeySource, *, kind: Kind | None = None
 ) -> Kind:
     """Make ``ctx`` issue and accept session tickets under ``source``'s keys.
 
     ``kind`` forces the EVP or the old HMAC callback (default: the best available); the
-    one used is returned. The callback objects live as long as ``ctx``; when it goes, the
-    callback is first unregistered from the ``SSL_CTX``. Does not touch ``OP_NO_TICKET``
+    one used is returned. The callback objects live as long as ``ctx``'s ``SSL_CTX``, which
+    connections switched away from ``ctx`` by SNI keep (and keep using for their tickets)
+    after ``ctx`` is gone. Does not touch ``OP_NO_TICKET``
     or the session cache mode: :func:`tlscache.resumption.configure_resumption` does.
     Raises ``ResolverError`` or ``ConfigurationError`` if OpenSSL offers no callback.
     """
@@ -315,23 +304,11 @@ def install_ticket_callback(
         onerror=_onerror,
     )
     raw = ctx._context
+    # Kept before OpenSSL points at it: a handshake may call it as soon as it is set.
+    keep_with_ssl_ctx(ctx, _Installed(chosen, source, (glue, callback)))
     if chosen == "evp":
         res.get("SSL_CTX_set_tlsext_ticket_key_evp_cb")(raw, callback)
     else:
         cb = ffi.cast("void (*)(void)", callback)
         res.get("SSL_CTX_callback_ctrl")(raw, _CTRL_SET_TLSEXT_TICKET_KEY_CB, cb)
-    installed = _Installed(chosen, source, (glue, callback))
-    kept: list[_Installed] | None = getattr(ctx, _ATTR, None)
-    if kept is None:
-        kept = []
-        try:
-            setattr(ctx, _ATTR, kept)
-        except AttributeError:  # a Context without __dict__: leak rather than crash
-            _forever.append(installed)
-        weakref.finalize(ctx, _unregister, int(ffi.cast("uintptr_t", raw)), chosen)
-    kept.append(installed)
     return chosen
-
-
-# Callbacks of Contexts that cannot hold attributes (never freed: a crash is worse).
-_forever: list[_Installed] = []
