@@ -17,6 +17,12 @@ a group of three memcached; one Redis; a 3-master Redis Cluster) and measures, i
    line, clean shutdown). Every pair measures a store's server and the internal one back
    to back (which goes first alternates), TLS 1.2 and 1.3; the table gives the median of
    the per-pair rate ratios, so that machine load hits both sides of a ratio alike.
+4. **The ceiling** (:mod:`bench.round_trip`): one no-op request to each store's server from
+   a raw socket, the caller busy between requests for as long as an internal-cache
+   handshake took in step 3. A resumed handshake makes that round trip for its lookup and,
+   in TLS 1.3, also writes the ticket OpenSSL issues on resumption (synchronous writes),
+   which costs at least one ``store`` of step 1. Internal time / (internal time + those)
+   is the best ratio any lookup path could reach here, before it does any work of its own.
 
 Bounded: every cell stops at its count or ``--cell-seconds``; the whole run takes about
 two minutes, and every server it started is stopped at the end.
@@ -42,7 +48,7 @@ from tlscache.stores import open_store
 from tlscache_farm.procs import free_port, running, wait_connectable
 from tlscache_farm.tlsclient import VERSIONS, key_ring, server_argv
 
-from . import lookup_bench
+from . import lookup_bench, round_trip
 from .handshake_bench import Server, make_certs, run_cell
 from .lookup_cell import Cost
 from .stores import store_fleet
@@ -153,6 +159,22 @@ def _med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def round_trips(
+    specs: dict[str, str], pairs: dict[tuple[str, str], Pairs], args: argparse.Namespace
+) -> dict[tuple[str, str], round_trip.RoundTrip]:
+    """Each store's bare round trip, the caller busy between requests for one median
+    internal-cache handshake of that TLS version (as measured in ``pairs``)."""
+    out: dict[tuple[str, str], round_trip.RoundTrip] = {}
+    for version in VERSIONS:
+        internal = [r for (v, _), p in pairs.items() if v == version for r in p.internal_rates]
+        if not internal:
+            continue
+        gap_s = 1.0 / _med(internal)
+        for name, spec in specs.items():
+            out[(version, name)] = round_trip.measure(spec, gap_s, args.ops, args.cell_seconds)
+    return out
+
+
 #: Resumed handshakes through a store / through OpenSSL's internal cache, at least.
 TARGETS = {"dc_client": 0.80}
 DIRECT_TARGET = 0.85
@@ -162,6 +184,7 @@ def report(
     ops: dict[str, dict[str, OpRate]],
     lookups: dict[tuple[str, str], list[Cost]],
     pairs: dict[tuple[str, str], Pairs],
+    trips: dict[tuple[str, str], round_trip.RoundTrip],
     args: argparse.Namespace,
     load: tuple[float, float],
     seconds: float,
@@ -202,6 +225,28 @@ def report(
             f"| {ratio:.2f}x | {verdict} | {_med(p.store_cpu):,.0f} | {_med(p.internal_cpu):,.0f} "
             f"| {_med(p.reused):.0%} |"
         )
+    out += [
+        "",
+        "The ceiling: one no-op request to the store's server from a raw socket (no client "
+        "library, no sealing, no callback), the caller busy between requests for one median "
+        "internal-cache handshake. The best ratio is internal time / (internal time + the "
+        "round trip + in TLS 1.3 the ticket's write, at the back-to-back `store` rate above, "
+        "which is a reply for memcached and Redis and a send for distcache):",
+        "",
+        "| TLS | store | internal handshake us | round trip p50 us | p90 us | write us "
+        "| best possible | measured |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (version, name), trip in trips.items():
+        p = pairs[(version, name)]
+        hs_s = 1.0 / _med(p.internal_rates)
+        store = ops[name]["store"]
+        write_s = 1.0 / store.rate if version == "1.3" and store.rate else 0.0
+        best = round_trip.ceiling(hs_s, trip.p50_us / 1e6 + write_s)
+        out.append(
+            f"| {version} | {name} | {hs_s * 1e6:,.0f} | {trip.p50_us:,.0f} | {trip.p90_us:,.0f} "
+            f"| {write_s * 1e6:,.0f} | {best:.2f}x | {_med(p.ratios):.2f}x |"
+        )
     return out
 
 
@@ -212,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lookup-rounds", type=int, default=3, help="rounds of lookup cells")
     p.add_argument("--compare", type=Path, help="lookup cells with this tree's tlscache too")
     p.add_argument("--pairs", type=int, default=7, help="handshake pairs per (TLS, store)")
-    p.add_argument("--count", type=int, default=60, help="connections per handshake cell")
+    p.add_argument("--count", type=int, default=200, help="connections per handshake cell")
     p.add_argument("--cell-seconds", type=float, default=2.0, help="time cap per cell")
     p.add_argument("--threads", type=int, default=4, help="TLS server threads")
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
@@ -255,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             for srv in servers.values():
                 wait_connectable(f"IP:127.0.0.1:{srv.port}")
             pairs = handshake_pairs(servers, args)
+            trips = round_trips(specs, pairs, args)
+            print("round trips done", file=sys.stderr, flush=True)
     lines = report(
-        ops, lookups, pairs, args, (load0, os.getloadavg()[0]), time.monotonic() - started
+        ops, lookups, pairs, trips, args, (load0, os.getloadavg()[0]), time.monotonic() - started
     )
     text = "\n".join(lines)
     print(text)
