@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tlscache_farm.tlsclient import (
     VERSIONS,
     client_context,
@@ -90,3 +92,13 @@ def ssl_connect(
         with contextlib.suppress(OSError, ssl.SSLError):
             s.unwrap()
     return line, sess, bool(reused)
+
+
+def skip_without_resolver() -> None:
+    """Skip the calling test module where the resolver does not support the platform."""
+    from tlscache.openssl.resolver import resolve
+
+    try:
+        resolve()
+    except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
+        pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)

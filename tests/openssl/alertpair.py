@@ -19,18 +19,9 @@ from OpenSSL._util import lib
 
 from tests.openssl.test_callbacks import TLS12, TLS13
 from tlscache import MemoryStore, SessionCache
-from tlscache.openssl.resolver import resolve
 
 VERSIONS = [pytest.param(TLS12, id="TLS1.2"), pytest.param(TLS13, id="TLS1.3")]
 FATAL = 2  #: the alert level of a fatal alert
-
-
-def skip_without_resolver() -> None:
-    """Skip the calling test module where the resolver does not support the platform."""
-    try:
-        resolve()
-    except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
-        pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
 
 
 def flipped(record: bytes) -> bytes:

@@ -18,7 +18,7 @@ import trustme
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
-from tests.openssl.alertpair import VERSIONS, Events, Pair, connect, skip_without_resolver
+from tests.openssl.alertpair import VERSIONS, Events, Pair, connect
 from tests.openssl.test_callbacks import (
     TLS12,
     TLS13,
@@ -27,6 +27,7 @@ from tests.openssl.test_callbacks import (
     client_context,
     server_context,
 )
+from tests.tlsutil import skip_without_resolver
 from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import install_callbacks, session_id
 

@@ -32,6 +32,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib
 from packaging.version import Version
 
+from tests.tlsutil import skip_without_resolver
 from tlscache.exceptions import ConfigurationError
 from tlscache.lograte import RateLimitedLog
 from tlscache.openssl import callbacks
@@ -40,12 +41,8 @@ from tlscache.openssl.callbacks import (
     install_callbacks,
     session_id,
 )
-from tlscache.openssl.resolver import resolve
 
-try:
-    resolve()
-except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
-    pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
+skip_without_resolver()
 
 # --------------------------------------------------------------------------- helpers
 

@@ -18,16 +18,12 @@ from OpenSSL import SSL
 
 from tests.openssl.alertpair import Served
 from tests.openssl.test_stdlib import client_context
-from tests.tlsutil import Certs
+from tests.tlsutil import Certs, skip_without_resolver
 from tlscache.exceptions import ResolverError
 from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import keep_with_ssl_ctx
-from tlscache.openssl.resolver import resolve
 
-try:
-    resolve()
-except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
-    pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
+skip_without_resolver()
 
 
 class Token:

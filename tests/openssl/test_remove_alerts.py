@@ -24,9 +24,9 @@ from tests.openssl.alertpair import (
     Pair,
     Served,
     connect,
-    skip_without_resolver,
 )
 from tests.openssl.test_callbacks import TLS12, TLS13, DictHandler, client_context, server_context
+from tests.tlsutil import skip_without_resolver
 from tlscache.openssl import callbacks
 from tlscache.openssl.callbacks import install_callbacks, session_id
 from tlscache.openssl.resolver import resolve

@@ -19,19 +19,15 @@ import pytest
 import trustme
 from OpenSSL import SSL
 
-from tests.tlsutil import client_context, handshake_over_memory, pump
+from tests.tlsutil import client_context, handshake_over_memory, pump, skip_without_resolver
 from tlscache import MemoryStore, SessionCache
 from tlscache.keyring import KeyRing
 from tlscache.openssl import callbacks
-from tlscache.openssl.resolver import resolve
 from tlscache.openssl.tickets import install_ticket_callback
 from tlscache.sealing import Sealer
 from tlscache.ticketkeys import TicketKeyPolicy, TicketKeys
 
-try:
-    resolve()
-except Exception as e:  # pragma: no cover - only on platforms the resolver does not support
-    pytest.skip(f"resolver unavailable: {e}", allow_module_level=True)
+skip_without_resolver()
 
 
 @pytest.fixture(scope="module")
