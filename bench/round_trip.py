@@ -87,7 +87,7 @@ def measure(spec: str, gap_s: float, n: int, max_s: float) -> RoundTrip:
             sock.sendall(request())
             while not complete(sock.recv(4096)):
                 pass
-        while len(times) < n and clock() < end:
+        while len(times) < n and (not times or clock() < end):  # at least one
             busy_until = clock() + gap_s
             while clock() < busy_until:
                 pass
