@@ -338,9 +338,10 @@ def session_functions(
     name a local, keep the handshake path lean).
 
     ``version``: ``SSL_version``, to tell ``on_get`` whether the handshake is TLS 1.3 (without
-    it ``on_get`` gets two arguments). ``remember(ssl, handler, context, sid)``: notes a
-    session a connection was issued or resumed, and returns its Connection. ``owner``: the
-    Context the callbacks are installed on, to tell when a connection was switched away.
+    it, or for a handler whose ``single_use`` is false, ``on_get`` gets two arguments).
+    ``remember(ssl, handler, context, sid)``: notes a session a connection was issued or
+    resumed, and returns its Connection. ``owner``: the Context the callbacks are installed
+    on, to tell when a connection was switched away.
     ``take_ids(sid)``: every id of the connection ``sid`` belongs to, for a fatal alert
     (without it only ``sid`` is reported).
 
@@ -386,7 +387,9 @@ def session_functions(
     def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
         try:
             sid = buffer(data, length)[:]
-            if version is None:
+            # The version matters only to single use: skip the call into OpenSSL (which
+            # also hands the GIL over) for a handler that says it does not need it.
+            if version is None or not getattr(handler, "single_use", True):
                 der = on_get(context, sid)
             else:
                 der = on_get(context, sid, version(ssl) == tls13)
