@@ -31,6 +31,17 @@ def served(certs: Certs) -> Served[ssl.SSLContext]:
         pytest.skip(f"stdlib path unavailable: {e}")
 
 
+def handshaken(
+    served: Served[ssl.SSLContext], certs: Certs, version: str
+) -> tuple[StdlibPair, int]:
+    """A pair past its handshake (tickets delivered), and how many sessions were stored."""
+    pair = StdlibPair(served.ctx, client_context(certs, version))
+    pair.handshake()
+    stored = len(served.store)
+    assert stored >= 1, served.state()
+    return pair, stored
+
+
 def test_no_info_callback_is_registered(served: Served[ssl.SSLContext]) -> None:
     ctx = served.ctx
     verified = stdlib.verify_context(ctx)
@@ -42,11 +53,8 @@ def test_no_info_callback_is_registered(served: Served[ssl.SSLContext]) -> None:
 def test_corrupted_record_deletes_the_session(
     certs: Certs, served: Served[ssl.SSLContext], version: str
 ) -> None:
-    ctx, store, cache = served.ctx, served.store, served.cache
-    pair = StdlibPair(ctx, client_context(certs, version))
-    pair.handshake()
-    stored = len(store)
-    assert stored >= 1, cache.stats()
+    store, cache = served.store, served.cache
+    pair, stored = handshaken(served, certs, version)
     pair.corrupt_client_record()
     stats = cache.stats()
     # TLS 1.2: the one session. TLS 1.3: the connection's current session (the last ticket);
@@ -59,10 +67,8 @@ def test_corrupted_record_deletes_the_session(
 def test_hang_up_deletes_nothing(
     certs: Certs, served: Served[ssl.SSLContext], version: str
 ) -> None:
-    ctx, store, cache = served.ctx, served.store, served.cache
-    pair = StdlibPair(ctx, client_context(certs, version))
-    pair.handshake()
-    stored = len(store)
+    store, cache = served.store, served.cache
+    pair, stored = handshaken(served, certs, version)
     pair.client_hangs_up()  # without close_notify
     del pair
     gc.collect()
