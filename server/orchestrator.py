@@ -312,6 +312,8 @@ def _say_exited(farm: Farm, proc: Proc, status_port: int | None) -> None:
     """A child died on its own (or by someone else's hand): what it means and how to undo it."""
     assert proc.popen is not None and proc.popen.returncode is not None
     lines = [f"tlscache-farm: {proc.name} {exit_text(proc.popen.returncode)}; log: {proc.log}"]
+    if proc.popen.returncode > 0:  # its own error, not a signal: its last words say why
+        lines.append(proc.tail(5))
     if proc.name == "dc_server":
         lines.append("  until it is back, handshakes are full (no request fails)")
     elif proc.name.startswith("dc_client"):

@@ -93,11 +93,17 @@ def plan_ports(cfg: FarmConfig) -> PortPlan:
         wanted.append((cfg.status_port, "farm status page", "--status-port"))
     if cfg.base_port == 0:
         check_free(wanted)
-        backends = tuple(BackendPorts(free_port(), free_port()) for _ in range(cfg.backends))
-        servers = tuple(free_port() for _ in range(count))
-        buses = tuple(free_port() for _ in range(count if cluster else 0))
-        apache = free_port() if cfg.with_apache else None
-        return PortPlan(free_port(), backends, free_port(), servers, buses, apache)
+        # The balancer binds --port last: until then it looks free, and must not be picked.
+        promised = {port for port, _, _ in wanted}
+
+        def pick() -> int:
+            return free_port(avoid=promised)
+
+        backends = tuple(BackendPorts(pick(), pick()) for _ in range(cfg.backends))
+        servers = tuple(pick() for _ in range(count))
+        buses = tuple(pick() for _ in range(count if cluster else 0))
+        apache = pick() if cfg.with_apache else None
+        return PortPlan(pick(), backends, pick(), servers, buses, apache)
     b = cfg.base_port
     plan = PortPlan(
         b,

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import IO
 
 PR_SET_PDEATHSIG = 1
@@ -54,12 +54,16 @@ def _pick_range(env: Mapping[str, str]) -> range:
 _PICK = _pick_range(os.environ)
 
 
-def free_port() -> int:
+def free_port(avoid: Collection[int] = ()) -> int:
     """A TCP port on 127.0.0.1 that nobody uses right now, not handed out before by this
-    process, and outside the range outgoing connections take their ports from."""
+    process, and outside the range outgoing connections take their ports from.
+
+    ``avoid``: ports that are promised to a process which has not bound them yet (a farm's
+    ``--port`` while its internal processes start), so free now but not free to hand out.
+    """
     for _ in range(200):
         port = random.choice(_PICK)
-        if port in _handed_out:
+        if port in _handed_out or port in avoid:
             continue
         with socket.socket() as s:
             try:
@@ -68,9 +72,14 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    with socket.socket() as s:  # a crowded range: let the kernel choose
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(200):  # a crowded range: let the kernel choose
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid and port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free port on 127.0.0.1 outside {sorted(avoid)}")
 
 
 def connectable(address: str, timeout: float = 1.0) -> bool:

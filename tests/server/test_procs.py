@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from tlscache_farm.procs import _PICK_RANGE, _pick_range
+from pathlib import Path
+
+import pytest
+
+from tlscache_farm import procs
+from tlscache_farm.config import CacheConfig, CertPaths, FarmConfig
+from tlscache_farm.ports import plan_ports
+from tlscache_farm.procs import _PICK_RANGE, _pick_range, free_port
 
 
 def test_workers_pick_from_disjoint_shares_of_the_range() -> None:
@@ -26,3 +33,28 @@ def test_outside_xdist_or_with_odd_values_the_whole_range() -> None:
         {"PYTEST_XDIST_WORKER": "gw0", "PYTEST_XDIST_WORKER_COUNT": "x"},
     ):
         assert _pick_range(env) == _PICK_RANGE, env
+
+
+@pytest.mark.parametrize("cache", ["distcache", "memcached", "redis-cluster"])
+def test_internal_ports_never_take_the_ports_promised_to_the_balancer_and_status_page(
+    monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    """``--port`` is bound by the balancer, which starts last: until then it is free, and
+    another process (the orchestrator picks in its own process) must not pick it."""
+    port, status_port = free_port(), free_port()
+    # The orchestrator's view: it never handed these out, and they are all its range holds.
+    monkeypatch.setattr(procs, "_handed_out", set())
+    monkeypatch.setattr(procs, "_PICK", [port, status_port])
+    cfg = FarmConfig(
+        certs=CertPaths(Path("cert.pem"), Path("key.pem"), None),
+        cache=CacheConfig(mode=cache),  # type: ignore[arg-type]
+        port=port,
+        status_port=status_port,
+        base_port=0,
+    )
+    plan = plan_ports(cfg)
+    internal = [plan.dc_server, plan.balancer_admin, *plan.cache_servers, *plan.cluster_buses]
+    internal += [p for b in plan.backends for p in (b.tls, b.admin)]
+    state = f"port={port} status_port={status_port} plan={plan}"
+    assert port not in internal and status_port not in internal, state
+    assert len(set(internal)) == len(internal), state
