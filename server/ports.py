@@ -93,7 +93,8 @@ def plan_ports(cfg: FarmConfig) -> PortPlan:
         wanted.append((cfg.status_port, "farm status page", "--status-port"))
     if cfg.base_port == 0:
         check_free(wanted)
-        # The balancer binds --port last: until then it looks free, and must not be picked.
+        # --port (the balancer starts last) and --status-port (bound once all is up) look
+        # free until then: no internal process may be given them.
         promised = {port for port, _, _ in wanted}
 
         def pick() -> int:
