@@ -338,7 +338,8 @@ def session_functions(
     name a local, keep the handshake path lean).
 
     ``version``: ``SSL_version``, to tell ``on_get`` whether the handshake is TLS 1.3 (without
-    it, or for a handler whose ``single_use`` is false, ``on_get`` gets two arguments).
+    it, or for a handler whose ``single_use`` is false when the callbacks are made, ``on_get``
+    gets two arguments).
     ``remember(ssl, handler, context, sid)``: notes a session a connection was issued or
     resumed, and returns its Connection. ``owner``: the Context the callbacks are installed
     on, to tell when a connection was switched away.
@@ -360,6 +361,9 @@ def session_functions(
     on_fatal_alert = handler.on_fatal_alert
     peek_error, is_eof = n.peek_error, n.is_eof
     tls13 = _TLS1_3_VERSION
+    # The version matters only to single use: for a handler that says it does not need it,
+    # skip the call into OpenSSL (which also hands the GIL over) on every lookup.
+    ask_version = version if getattr(handler, "single_use", True) else None
 
     def new_cb(ssl: Any, sess: Any) -> int:
         try:
@@ -387,12 +391,10 @@ def session_functions(
     def get_cb(ssl: Any, data: Any, length: int, copy: Any) -> Any:
         try:
             sid = buffer(data, length)[:]
-            # The version matters only to single use: skip the call into OpenSSL (which
-            # also hands the GIL over) for a handler that says it does not need it.
-            if version is None or not getattr(handler, "single_use", True):
+            if ask_version is None:
                 der = on_get(context, sid)
             else:
-                der = on_get(context, sid, version(ssl) == tls13)
+                der = on_get(context, sid, ask_version(ssl) == tls13)
             if der is None:
                 return null
             buf = from_buffer(uchar_a, der)  # no copy: d2i reads ``der`` in place
